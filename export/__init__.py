@@ -1,0 +1,1 @@
+"""The training-stack side: fixtures, presets, LoRA merge and artifact export (needs torch)."""
