@@ -1,0 +1,106 @@
+"""`edgejudge` command line: one verb per job.
+
+Bad input (a missing file, a corrupt video, an over-long prompt) ends with one line on stderr and
+exit code 2; anything else that fails is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from edgejudge.errors import InputError
+
+
+def _add_video_options(parser: argparse.ArgumentParser) -> None:
+    """The frame options every verb that reads videos shares."""
+    parser.add_argument("--fps", type=float, help="frame rate of .npy / array input (files carry their own)")
+    parser.add_argument(
+        "--sample",
+        default="fps:2",
+        help="frames to keep: none | uniform:N | fps:F (the model family's fps sampler); default fps:2",
+    )
+    parser.add_argument("--hf", help="transformers release whose input behaviour to reproduce, e.g. 4.57 or 5.17 "
+                        "(default: the release line the family's judges were trained with)")
+
+
+def _array_fps(video: str, fps: float | None) -> float | None:
+    """--fps describes .npy input; video files carry their own rate."""
+    return fps if video.endswith(".npy") else None
+
+
+def _cmd_inputs(args: argparse.Namespace) -> int:
+    from edgejudge.runtime import model as runtime_model
+    from edgejudge.runtime.video import read_video
+
+    model = runtime_model.load(args.model, hf=args.hf)
+    if args.print_prompt:
+        print(runtime_model.render_prompt(model, len(args.video), args.text, args.system), end="")
+        return 0
+    clips = [runtime_model.sample_clip(model, read_video(v, fps=_array_fps(v, args.fps)), args.sample)
+             for v in args.video]
+    arrays = runtime_model.build_inputs(model, clips, args.text, args.system)
+    out = Path(args.dump)
+    if out.parent and not out.parent.is_dir():
+        raise InputError(f"{out.parent}: output folder does not exist")
+    np.savez(out, **arrays)
+    ids = arrays["input_ids"]
+    video_tokens = int((ids == model.video_token_id).sum())
+    print(f"{out}: {ids.shape[1]} tokens ({video_tokens} video), grids {arrays['video_grid_thw'].tolist()}, "
+          f"pixel_values_videos {tuple(arrays['pixel_values_videos'].shape)}")
+    return 0
+
+
+def _cmd_fixtures(args: argparse.Namespace) -> int:
+    from edgejudge.export.fixtures import FAMILIES, build_tiny_adapter, build_tiny_model, write_demo_clip
+
+    out = Path(args.out)
+    for family in args.family or FAMILIES:
+        if family not in FAMILIES:
+            raise InputError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+        model_dir = build_tiny_model(family, out / family, seed=args.seed)
+        adapter_dir = build_tiny_adapter(model_dir, out / f"{family}-lora", seed=args.seed + 1)
+        print(f"{family}: model {model_dir}, adapter {adapter_dir}")
+    print(f"demo clip: {write_demo_clip(out / 'clip.mp4')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgejudge", description=__doc__.splitlines()[0])
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    p = verbs.add_parser("inputs", help="write the arrays a model sees for a video and a prompt")
+    p.add_argument("model", help="model folder (HF checkpoint or edgejudge artifact)")
+    p.add_argument("--video", action="append", required=True, help="video file, .npy (T,H,W,3) uint8; repeatable")
+    p.add_argument("--text", required=True, help="user text, placed after the video(s)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--dump", help="write the arrays to this .npz")
+    p.add_argument("--print-prompt", action="store_true", help="print the rendered prompt and exit")
+    _add_video_options(p)
+    p.set_defaults(run=_cmd_inputs)
+
+    p = verbs.add_parser("fixtures", help="build tiny random reference models, LoRA adapters and a demo clip")
+    p.add_argument("--out", required=True, help="folder to write <family>/ and <family>-lora/ into")
+    p.add_argument("--family", action="append", help="qwen2_5_vl | qwen3_vl | qwen3_5 (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_cmd_fixtures)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verb == "inputs" and not args.print_prompt and not args.dump:
+        parser.error("inputs needs --dump FILE.npz (or --print-prompt)")
+    try:
+        return args.run(args)
+    except InputError as e:
+        print(f"edgejudge: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Load a checkpoint's non-weight files and turn videos + text into the arrays the model sees.
+
+`load()` reads config.json, the processor configs, the tokenizer and the chat template of an HF
+model directory (or an edgejudge artifact, which carries the same files) and picks the family
+module; `build_inputs()` produces the arrays under the names HF's processor uses.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+from edgejudge.errors import InputError
+from edgejudge.runtime import qwen2_5_vl, qwen3_5, qwen3_vl
+from edgejudge.runtime.compat import parse_release
+from edgejudge.runtime.preprocess import VisionPreprocessing, preprocess_video
+from edgejudge.runtime.prompt import Prompter, user_turn
+from edgejudge.runtime.video import Clip, parse_sample, sample, uniform_indices
+
+FAMILIES: dict[str, ModuleType] = {"qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "qwen3_5": qwen3_5}
+
+
+@dataclass
+class Model:
+    """What the runtime needs to know about a checkpoint besides its weights."""
+
+    path: Path
+    config: dict
+    family_name: str
+    family: ModuleType
+    vision: VisionPreprocessing
+    prompter: Prompter
+    hf: str  # the HF release whose input behaviour is reproduced
+    video_token_id: int
+    max_positions: int
+
+
+def read_config(model_dir: Path) -> dict:
+    model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise InputError(f"{model_dir}: no such model directory")
+    if not model_dir.is_dir():
+        raise InputError(f"{model_dir}: not a directory (expected a model or artifact folder)")
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise InputError(f"{model_dir}: no config.json (expected a model or artifact folder)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+
+
+def load(model_dir: str | Path, hf: str | None = None) -> Model:
+    """Read a model folder. `hf` picks the HF release to mimic; default: the family's own."""
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    family_name = config.get("model_type", "")
+    if family_name not in FAMILIES:
+        raise InputError(f"{model_dir}: model_type {family_name!r} is not one of {', '.join(FAMILIES)}")
+    family = FAMILIES[family_name]
+    hf = hf or family.HF_DEFAULT
+    parse_release(hf)
+    prompter = Prompter(model_dir)
+    text_config = config.get("text_config", config)
+    return Model(
+        path=model_dir,
+        config=config,
+        family_name=family_name,
+        family=family,
+        vision=VisionPreprocessing.from_model_dir(model_dir),
+        prompter=prompter,
+        hf=hf,
+        video_token_id=int(config["video_token_id"]),
+        max_positions=int(text_config.get("max_position_embeddings") or prompter.model_max_length or 1 << 30),
+    )
+
+
+def sample_clip(model: Model, clip: Clip, policy: str) -> Clip:
+    """Keep the frames a policy picks: none | uniform:N | fps:F (F frames a second, by the
+    family's own fps rule, which differs between Qwen2-VL-style and Qwen3-VL-style processors)."""
+    rule = parse_sample(policy)
+    if rule.kind == "none":
+        return clip
+    if rule.kind == "uniform":
+        return sample(clip, uniform_indices(clip.total_frames, rule.n))
+    if rule.kind == "fps":
+        if clip.fps is None:
+            raise InputError("fps sampling needs the video's frame rate: pass --fps for array input")
+        return sample(clip, model.family.fps_indices(clip.total_frames, clip.fps, rule.fps, model.vision))
+    raise InputError(f"--sample {policy}: virtual indices are for pairwise judges, not a single video")
+
+
+def render_prompt(model: Model, num_videos: int, text: str, system: str | None = None) -> str:
+    """The prompt as the chat template renders it, before video placeholders are expanded."""
+    return model.prompter.render(user_turn(num_videos, text, system), add_generation_prompt=True)
+
+
+def build_inputs(model: Model, clips: list[Clip], text: str, system: str | None = None) -> dict[str, np.ndarray]:
+    """One user turn: the videos, then the text, then the assistant header.
+
+    Returns input_ids, attention_mask, pixel_values_videos, video_grid_thw, position_ids (3, 1, S),
+    rope_deltas, and the family's per-video extras (Qwen2.5-VL: second_per_grid_ts).
+    """
+    family, vision = model.family, model.vision
+    prompt = render_prompt(model, len(clips), text, system)
+    pieces = prompt.split(family.video_placeholder(model.hf))
+    if len(pieces) != len(clips) + 1:
+        raise InputError(f"the chat template produced {len(pieces) - 1} video placeholders for {len(clips)} videos")
+    pixels, grids, extras, text = [], [], [], [pieces[0]]
+    for clip, after in zip(clips, pieces[1:]):
+        frames = clip.frames
+        height, width = family.target_size(len(frames), frames.shape[1], frames.shape[2], vision, model.hf)
+        patches, grid = preprocess_video(frames, (height, width), vision)
+        text += [family.video_text(clip.indices, clip.fps, grid, vision), after]
+        pixels.append(patches)
+        grids.append(grid)
+        extras.append(family.video_extras(clip, vision))
+    prompt = "".join(text)
+    ids = np.asarray(model.prompter.encode(prompt), dtype=np.int64)
+    if len(ids) + 1 > model.max_positions:
+        raise InputError(f"the prompt is {len(ids)} tokens, over the model's context of {model.max_positions}")
+    positions, delta = family.position_ids(ids, model.video_token_id, grids, model.config, extras, model.hf)
+    arrays = {
+        "input_ids": ids[None, :],
+        "attention_mask": np.ones((1, len(ids)), dtype=np.int64),
+        "pixel_values_videos": np.concatenate(pixels) if pixels else np.zeros((0, 0), np.float32),
+        "video_grid_thw": np.asarray(grids, dtype=np.int64).reshape(-1, 3),
+        "position_ids": positions,
+        "rope_deltas": np.asarray([[delta]], dtype=np.int64),
+    }
+    for key in extras[0] if extras else ():
+        arrays[key] = np.asarray([e[key] for e in extras], dtype=np.float32)
+    return arrays

@@ -1,0 +1,75 @@
+"""Qwen2.5-VL: preprocessing constants, prompt expansion and position ids.
+
+The whole video is one block of `<|video_pad|>` tokens; time is carried by the M-RoPE time axis,
+spaced by `tokens_per_second * int(second_per_grid_ts)` per temporal patch, where
+second_per_grid_ts = temporal_patch_size / sampled fps. Where HF releases disagree, `hf` (a
+release like "4.57" or "5.17") picks the behaviour.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from edgejudge.errors import InputError
+from edgejudge.runtime import mrope
+from edgejudge.runtime.preprocess import VisionPreprocessing
+from edgejudge.runtime import video
+from edgejudge.runtime.video import Clip
+from edgejudge.runtime.compat import hf_at_least
+
+HF_DEFAULT = "4.57"  # the release line the Qwen2.5-VL judges were trained with
+MIN_FRAMES, MAX_FRAMES = 4, 768  # HF's sample_frames bounds
+VIDEO_PAD = "<|video_pad|>"
+
+
+def target_size(num_frames: int, height: int, width: int, pp: VisionPreprocessing, hf: str) -> tuple[int, int]:
+    """Qwen2-VL's smart_resize: the pixel bounds apply to one frame."""
+    factor = pp.factor
+    if max(height, width) / min(height, width) > 200:
+        raise InputError(f"aspect ratio {max(height, width) / min(height, width):.0f} is over the model's limit of 200")
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    if h_bar * w_bar > pp.max_pixels:
+        beta = math.sqrt(height * width / pp.max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < pp.min_pixels:
+        beta = math.sqrt(pp.min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def fps_indices(total: int, src_fps: float, fps: float, pp: VisionPreprocessing) -> np.ndarray:
+    """HF's fps sampling for Qwen2-VL-style processors: a float-step arange, truncated."""
+    return video.fps_indices_arange(total, src_fps, fps, pp.temporal_patch_size, MIN_FRAMES, MAX_FRAMES)
+
+
+def video_extras(clip: Clip, pp: VisionPreprocessing) -> dict[str, float]:
+    """second_per_grid_ts: seconds covered by one temporal patch, at the sampled frame rate
+    (source fps x sampled / total frames); HF assumes 2 fps when the rate is unknown."""
+    sampled_fps = 2.0 if clip.fps is None else clip.fps * len(clip.indices) / clip.total_frames
+    return {"second_per_grid_ts": pp.temporal_patch_size / sampled_fps}
+
+
+def video_placeholder(hf: str) -> str:
+    """What a video's text replaces in the rendered template."""
+    return VIDEO_PAD
+
+
+def video_text(indices: np.ndarray, fps: float | None, grid: tuple[int, int, int], pp: VisionPreprocessing) -> str:
+    """A video's prompt text: one pad per merged token."""
+    return VIDEO_PAD * (int(np.prod(grid)) // pp.merge_size**2)
+
+
+def position_ids(input_ids: np.ndarray, video_token_id: int, grids: list[tuple[int, int, int]],
+                 config: dict, videos: list[dict], hf: str) -> tuple[np.ndarray, int]:
+    """One run per video. Text after a video resumes one past its largest position (4.x), or at
+    its start plus its larger spatial side, ignoring the time axis (5.x)."""
+    vision = config["vision_config"]
+    merge, tps = vision["spatial_merge_size"], vision["tokens_per_second"]
+    runs = [(t, h // merge, w // merge) for t, h, w in grids]
+    intervals = [tps * int(v["second_per_grid_ts"]) for v in videos]
+    resume = mrope.resume_after_spatial_extent if hf_at_least(hf, "5.0") else mrope.resume_after_max
+    return mrope.mrope_position_ids(input_ids, video_token_id, runs, intervals, resume)
