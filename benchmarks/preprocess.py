@@ -79,6 +79,8 @@ def main() -> None:
             size = model.family.target_size(t, h, w, model.vision, model.hf)
             pixels_ms, pixels_p95 = timed(lambda: preprocess_video(clip.frames, size, model.vision), args.repeats)
             arrays = runtime_model.build_inputs(model, [clip], "Is the instruction complete?")
+            reused = np.empty_like(arrays["pixel_values_videos"])
+            reuse_ms, reuse_p95 = timed(lambda: preprocess_video(clip.frames, size, model.vision, reused), args.repeats)
             total_ms, total_p95 = timed(
                 lambda: runtime_model.build_inputs(model, [clip], "Is the instruction complete?"), args.repeats
             )
@@ -87,16 +89,19 @@ def main() -> None:
             rows.append({
                 "workload": name, "what": what, "resized_to": list(size), "tokens": int(arrays["input_ids"].shape[1]),
                 "patch_bytes": int(patches.nbytes), "pixels_ms_p50": round(pixels_ms, 2), "pixels_ms_p95": round(pixels_p95, 2),
+                "pixels_reused_out_ms_p50": round(reuse_ms, 2), "pixels_reused_out_ms_p95": round(reuse_p95, 2),
                 "build_inputs_ms_p50": round(total_ms, 2), "build_inputs_ms_p95": round(total_p95, 2),
                 "floor_ms": round(floor_ms, 2),
             })
     print(json.dumps({"machine": platform.processor() or platform.machine(), "cores": 1,
                       "copy_GBps": round(bandwidth / 1e9, 1), "numpy": np.__version__, "rows": rows}, indent=1))
-    print("\n| workload | input | resized to | tokens | pixels p50 / p95 ms | build_inputs p50 / p95 ms | floor ms |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| workload | input | resized to | tokens | pixels p50 / p95 ms | pixels into a reused buffer p50 / p95 ms "
+          "| build_inputs p50 / p95 ms | floor ms |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['workload']} | {r['what']} | {r['resized_to'][0]}x{r['resized_to'][1]} | {r['tokens']} | "
-              f"{r['pixels_ms_p50']} / {r['pixels_ms_p95']} | {r['build_inputs_ms_p50']} / {r['build_inputs_ms_p95']} | "
+              f"{r['pixels_ms_p50']} / {r['pixels_ms_p95']} | {r['pixels_reused_out_ms_p50']} / {r['pixels_reused_out_ms_p95']} | "
+              f"{r['build_inputs_ms_p50']} / {r['build_inputs_ms_p95']} | "
               f"{r['floor_ms']} |")
 
 

@@ -110,14 +110,16 @@ def build_inputs(model: Model, clips: list[Clip], text: str, system: str | None 
     pieces = prompt.split(family.video_placeholder(model.hf))
     if len(pieces) != len(clips) + 1:
         raise InputError(f"the chat template produced {len(pieces) - 1} video placeholders for {len(clips)} videos")
-    pixels, grids, extras, text = [], [], [], [pieces[0]]
-    for clip, after in zip(clips, pieces[1:]):
-        frames = clip.frames
-        height, width = family.target_size(len(frames), frames.shape[1], frames.shape[2], vision, model.hf)
-        patches, grid = preprocess_video(frames, (height, width), vision)
+    # Sizes first, so every video's patches land in one preallocated array (no concatenate copy).
+    sizes = [family.target_size(len(c.frames), c.frames.shape[1], c.frames.shape[2], vision, model.hf) for c in clips]
+    grids = [vision.grid(len(c.frames), h, w) for c, (h, w) in zip(clips, sizes)]
+    pixels = np.empty((sum(int(np.prod(g)) for g in grids), vision.patch_dim), np.float32)
+    extras, text, row = [], [pieces[0]], 0
+    for clip, size, grid, after in zip(clips, sizes, grids, pieces[1:]):
+        rows = int(np.prod(grid))
+        preprocess_video(clip.frames, size, vision, out=pixels[row : row + rows])
+        row += rows
         text += [family.video_text(clip.indices, clip.fps, grid, vision), after]
-        pixels.append(patches)
-        grids.append(grid)
         extras.append(family.video_extras(clip, vision))
     prompt = "".join(text)
     ids = np.asarray(model.prompter.encode(prompt), dtype=np.int64)
@@ -127,7 +129,7 @@ def build_inputs(model: Model, clips: list[Clip], text: str, system: str | None 
     arrays = {
         "input_ids": ids[None, :],
         "attention_mask": np.ones((1, len(ids)), dtype=np.int64),
-        "pixel_values_videos": np.concatenate(pixels) if pixels else np.zeros((0, 0), np.float32),
+        "pixel_values_videos": pixels,
         "video_grid_thw": np.asarray(grids, dtype=np.int64).reshape(-1, 3),
         "position_ids": positions,
         "rope_deltas": np.asarray([[delta]], dtype=np.int64),
