@@ -120,7 +120,7 @@ def build_inputs(model: Model, clips: list[Clip], text: str, system: str | None 
         preprocess_video(clip.frames, size, vision, out=pixels[row : row + rows])
         row += rows
         text += [family.video_text(clip.indices, clip.fps, grid, vision), after]
-        extras.append(family.video_extras(clip, vision))
+        extras.append(family.video_extras(clip, vision, model.hf))
     prompt = "".join(text)
     ids = np.asarray(model.prompter.encode(prompt), dtype=np.int64)
     if len(ids) + 1 > model.max_positions:

@@ -46,10 +46,14 @@ def fps_indices(total: int, src_fps: float, fps: float, pp: VisionPreprocessing)
     return video.fps_indices_arange(total, src_fps, fps, pp.temporal_patch_size, MIN_FRAMES, MAX_FRAMES)
 
 
-def video_extras(clip: Clip, pp: VisionPreprocessing) -> dict[str, float]:
+def video_extras(clip: Clip, pp: VisionPreprocessing, hf: str) -> dict[str, float]:
     """second_per_grid_ts: seconds covered by one temporal patch, at the sampled frame rate
-    (source fps x sampled / total frames); HF assumes 2 fps when the rate is unknown."""
-    sampled_fps = 2.0 if clip.fps is None else clip.fps * len(clip.indices) / clip.total_frames
+    (source fps x sampled / total frames). When the source rate is unknown, 4.x assumes a
+    sampled rate of 2 fps and 5.x a source rate of 24 fps."""
+    if clip.fps is None and not hf_at_least(hf, "5.0"):
+        sampled_fps = 2.0
+    else:
+        sampled_fps = (24.0 if clip.fps is None else clip.fps) * len(clip.indices) / clip.total_frames
     return {"second_per_grid_ts": pp.temporal_patch_size / sampled_fps}
 
 
@@ -65,11 +69,11 @@ def video_text(indices: np.ndarray, fps: float | None, grid: tuple[int, int, int
 
 def position_ids(input_ids: np.ndarray, video_token_id: int, grids: list[tuple[int, int, int]],
                  config: dict, videos: list[dict], hf: str) -> tuple[np.ndarray, int]:
-    """One run per video. Text after a video resumes one past its largest position (4.x), or at
-    its start plus its larger spatial side, ignoring the time axis (5.x)."""
+    """One run per video. Text after a video resumes one past its largest position (before 5.3),
+    or at its start plus its larger spatial side, ignoring the time axis (5.3 on)."""
     vision = config["vision_config"]
     merge, tps = vision["spatial_merge_size"], vision["tokens_per_second"]
     runs = [(t, h // merge, w // merge) for t, h, w in grids]
     intervals = [tps * int(v["second_per_grid_ts"]) for v in videos]
-    resume = mrope.resume_after_spatial_extent if hf_at_least(hf, "5.0") else mrope.resume_after_max
+    resume = mrope.resume_after_spatial_extent if hf_at_least(hf, "5.3") else mrope.resume_after_max
     return mrope.mrope_position_ids(input_ids, video_token_id, runs, intervals, resume)

@@ -26,20 +26,24 @@ VIDEO_PAD, VISION_START, VISION_END = "<|video_pad|>", "<|vision_start|>", "<|vi
 def target_size(num_frames: int, height: int, width: int, pp: VisionPreprocessing, hf: str) -> tuple[int, int]:
     """Qwen3-VL's smart_resize: the pixel bounds apply to the whole clip (frames x height x width).
 
-    Frames smaller than one merged patch: 4.x refuses them, 5.x first scales them up. HF refuses
-    a single frame; we size it as the two-frame clip its temporal padding makes of it.
+    Where releases differ (docs/hf-divergences.md): frames smaller than one merged patch are
+    refused before 5.15 and scaled up from 5.15 on; 5.0-5.14 round the frame count up to the
+    temporal patch (and accept a single frame), the others round half to even and refuse one
+    frame, which we size as the two-frame clip its temporal padding makes of it.
     """
     factor, tf = pp.factor, pp.temporal_patch_size
-    num_frames = max(num_frames, tf)
+    ceil_frames = hf_at_least(hf, "5.0") and not hf_at_least(hf, "5.15")
+    if not ceil_frames:
+        num_frames = max(num_frames, tf)
     if height < factor or width < factor:
-        if not hf_at_least(hf, "5.0"):
+        if not hf_at_least(hf, "5.15"):
             raise InputError(f"frames of {height}x{width} are smaller than the model's {factor}-pixel patch")
         scale = max(factor / height, factor / width)
         height, width = int(height * scale), int(width * scale)
     if max(height, width) / min(height, width) > 200:
         raise InputError(f"aspect ratio {max(height, width) / min(height, width):.0f} is over the model's limit of 200")
     h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
-    t_bar = round(num_frames / tf) * tf
+    t_bar = (math.ceil(num_frames / tf) if ceil_frames else round(num_frames / tf)) * tf
     if t_bar * h_bar * w_bar > pp.max_pixels:
         beta = math.sqrt(num_frames * height * width / pp.max_pixels)
         h_bar = max(factor, math.floor(height / beta / factor) * factor)
@@ -69,7 +73,7 @@ def video_placeholder(hf: str) -> str:
     """What a video's text replaces in the rendered template: 4.x replaces the template's whole
     `<|vision_start|><|video_pad|><|vision_end|>`; 5.3+ replaces only `<|video_pad|>`, leaving the
     template's start/end tokens around the frame blocks (doubled)."""
-    return VIDEO_PAD if hf_at_least(hf, "5.3") else VISION_START + VIDEO_PAD + VISION_END
+    return VIDEO_PAD if hf_at_least(hf, "5.10") else VISION_START + VIDEO_PAD + VISION_END
 
 
 def video_text(indices: np.ndarray, fps: float | None, grid: tuple[int, int, int], pp: VisionPreprocessing) -> str:
@@ -79,7 +83,7 @@ def video_text(indices: np.ndarray, fps: float | None, grid: tuple[int, int, int
     return "".join(f"<{s:.1f} seconds>{VISION_START}{VIDEO_PAD * per_frame}{VISION_END}" for s in secs[: grid[0]])
 
 
-def video_extras(clip: Clip, pp: VisionPreprocessing) -> dict[str, float]:
+def video_extras(clip: Clip, pp: VisionPreprocessing, hf: str) -> dict[str, float]:
     """Nothing beyond the grid: time is in the timestamps text."""
     return {}
 
