@@ -55,7 +55,14 @@ def _cmd_inputs(args: argparse.Namespace) -> int:
 
 
 def _cmd_fixtures(args: argparse.Namespace) -> int:
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
     from edgejudge.export.fixtures import FAMILIES, build_tiny_adapter, build_tiny_model, write_demo_clip
+
+    hf_logging.disable_progress_bar()  # our own one line per model is enough
+    warnings.simplefilter("ignore", FutureWarning)
 
     out = Path(args.out)
     for family in args.family or FAMILIES:

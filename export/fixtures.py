@@ -58,50 +58,26 @@ QWEN3_5_SPLIT_REGEX = (
 # value. mrope sections are the real ones scaled to the tiny rotary width (they must sum to
 # rotary_dim / 2): Qwen2.5-VL [16,24,24]/8 over head_dim 16; Qwen3-VL [24,20,20]/4 over
 # head_dim 32; Qwen3.5 [11,11,10] ~/4 over head_dim 64 * partial_rotary_factor 0.25.
+_TINY_VISION = {"depth": 4, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64}
+_TINY_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}
 TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "qwen2_5_vl": {
-        "hidden_size": 64,
-        "intermediate_size": 128,
+        **_TINY_TEXT,
         "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
         "rope_scaling": {"mrope_section": [2, 3, 3]},
-        "vision_config": {
-            "depth": 4,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": 64,
-            "fullatt_block_indexes": [1, 3],  # real: every 8th block, ending on the last
-        },
+        # real: full attention every 8th block, ending on the last
+        "vision_config": {**_TINY_VISION, "fullatt_block_indexes": [1, 3]},
     },
     "qwen3_vl": {
-        "text_config": {
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 32,
-            "rope_scaling": {"mrope_section": [6, 5, 5]},
-        },
-        "vision_config": {
-            "depth": 4,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": 64,
-            "deepstack_visual_indexes": [0, 1, 2],  # real [5, 11, 17] of 24: 3 taps, not the last
-        },
+        "text_config": {**_TINY_TEXT, "num_hidden_layers": 4, "head_dim": 32, "rope_scaling": {"mrope_section": [6, 5, 5]}},
+        # real DeepStack taps [5, 11, 17] of 24: 3 taps, not the last
+        "vision_config": {**_TINY_VISION, "deepstack_visual_indexes": [0, 1, 2]},
     },
     "qwen3_5": {
         "text_config": {
-            "hidden_size": 64,
-            "intermediate_size": 128,
+            **_TINY_TEXT,
             "num_hidden_layers": 4,
             "layer_types": ["linear_attention"] * 3 + ["full_attention"],
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
             "head_dim": 64,
             "linear_key_head_dim": 16,
             "linear_value_head_dim": 16,
@@ -109,13 +85,7 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
             "linear_num_value_heads": 4,
             "rope_parameters": {"mrope_section": [3, 3, 2]},
         },
-        "vision_config": {
-            "depth": 4,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": 64,
-        },
+        "vision_config": _TINY_VISION,
     },
 }
 
