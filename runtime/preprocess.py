@@ -9,6 +9,7 @@ Qwen2VLVideoProcessor.patchify, which the vision encoder's patch embedding expec
 from __future__ import annotations
 
 import json
+import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from edgejudge.errors import InputError
 from edgejudge.runtime.resize import resize_bicubic_antialias
 
 
@@ -69,6 +71,26 @@ class VisionPreprocessing:
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def smart_resize(height: int, width: int, pp: VisionPreprocessing, frames: int = 1, rounded_frames: int = 1
+                 ) -> tuple[int, int]:
+    """HF's smart_resize: sides rounded to multiples of the merged patch, then scaled (keeping the
+    aspect ratio) until rounded_frames x height x width lies within the pixel bounds. Qwen2-VL-style
+    processors bound one frame (frames = 1); Qwen3-VL-style ones the whole clip."""
+    factor = pp.factor
+    if max(height, width) / min(height, width) > 200:
+        raise InputError(f"aspect ratio {max(height, width) / min(height, width):.0f} is over the model's limit of 200")
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    if rounded_frames * h_bar * w_bar > pp.max_pixels:
+        beta = math.sqrt(frames * height * width / pp.max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif rounded_frames * h_bar * w_bar < pp.min_pixels:
+        beta = math.sqrt(pp.min_pixels / (frames * height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
 
 
 def _normalize_table(pp: VisionPreprocessing) -> np.ndarray:

@@ -8,16 +8,12 @@ release like "4.57" or "5.17") picks the behaviour.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from edgejudge.errors import InputError
-from edgejudge.runtime import mrope
-from edgejudge.runtime.preprocess import VisionPreprocessing
-from edgejudge.runtime import video
-from edgejudge.runtime.video import Clip
+from edgejudge.runtime import mrope, video
 from edgejudge.runtime.compat import hf_at_least
+from edgejudge.runtime.preprocess import VisionPreprocessing, smart_resize
+from edgejudge.runtime.video import Clip
 
 HF_DEFAULT = "4.57"  # the release line the Qwen2.5-VL judges were trained with
 MIN_FRAMES, MAX_FRAMES = 4, 768  # HF's sample_frames bounds
@@ -26,19 +22,7 @@ VIDEO_PAD = "<|video_pad|>"
 
 def target_size(num_frames: int, height: int, width: int, pp: VisionPreprocessing, hf: str) -> tuple[int, int]:
     """Qwen2-VL's smart_resize: the pixel bounds apply to one frame."""
-    factor = pp.factor
-    if max(height, width) / min(height, width) > 200:
-        raise InputError(f"aspect ratio {max(height, width) / min(height, width):.0f} is over the model's limit of 200")
-    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
-    if h_bar * w_bar > pp.max_pixels:
-        beta = math.sqrt(height * width / pp.max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < pp.min_pixels:
-        beta = math.sqrt(pp.min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
+    return smart_resize(height, width, pp)
 
 
 def fps_indices(total: int, src_fps: float, fps: float, pp: VisionPreprocessing) -> np.ndarray:

@@ -12,10 +12,9 @@ import math
 import numpy as np
 
 from edgejudge.errors import InputError
-from edgejudge.runtime import mrope
+from edgejudge.runtime import mrope, video
 from edgejudge.runtime.compat import hf_at_least
-from edgejudge.runtime.preprocess import VisionPreprocessing
-from edgejudge.runtime import video
+from edgejudge.runtime.preprocess import VisionPreprocessing, smart_resize
 from edgejudge.runtime.video import Clip
 
 HF_DEFAULT = "4.57"  # the release line the Qwen3-VL judges were trained with
@@ -40,19 +39,8 @@ def target_size(num_frames: int, height: int, width: int, pp: VisionPreprocessin
             raise InputError(f"frames of {height}x{width} are smaller than the model's {factor}-pixel patch")
         scale = max(factor / height, factor / width)
         height, width = int(height * scale), int(width * scale)
-    if max(height, width) / min(height, width) > 200:
-        raise InputError(f"aspect ratio {max(height, width) / min(height, width):.0f} is over the model's limit of 200")
-    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
-    t_bar = (math.ceil(num_frames / tf) if ceil_frames else round(num_frames / tf)) * tf
-    if t_bar * h_bar * w_bar > pp.max_pixels:
-        beta = math.sqrt(num_frames * height * width / pp.max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif t_bar * h_bar * w_bar < pp.min_pixels:
-        beta = math.sqrt(pp.min_pixels / (num_frames * height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
+    rounded = (math.ceil(num_frames / tf) if ceil_frames else round(num_frames / tf)) * tf
+    return smart_resize(height, width, pp, frames=num_frames, rounded_frames=rounded)
 
 
 def fps_indices(total: int, src_fps: float, fps: float, pp: VisionPreprocessing) -> np.ndarray:
@@ -70,8 +58,8 @@ def timestamps(indices: np.ndarray, fps: float, temporal_patch_size: int) -> lis
 
 
 def video_placeholder(hf: str) -> str:
-    """What a video's text replaces in the rendered template: 4.x replaces the template's whole
-    `<|vision_start|><|video_pad|><|vision_end|>`; 5.3+ replaces only `<|video_pad|>`, leaving the
+    """What a video's text replaces in the rendered template: releases before 5.10 replace the
+    template's whole `<|vision_start|><|video_pad|><|vision_end|>`; 5.10 on replace only `<|video_pad|>`, leaving the
     template's start/end tokens around the frame blocks (doubled)."""
     return VIDEO_PAD if hf_at_least(hf, "5.10") else VISION_START + VIDEO_PAD + VISION_END
 
