@@ -93,19 +93,20 @@ def smart_resize(height: int, width: int, pp: VisionPreprocessing, frames: int =
     return h_bar, w_bar
 
 
-def _normalize_table(pp: VisionPreprocessing) -> np.ndarray:
-    """(3, 256) float32: the normalized value of every uint8 level for each channel.
+def _fused_mean_std(pp: VisionPreprocessing) -> tuple[np.ndarray, np.ndarray]:
+    """HF fuses rescale and normalize as (x - mean/scale) / (std/scale) in float32 with
+    scale = 1/255: mean and std are float32 tensors multiplied by the Python float 1/scale."""
+    inv_scale = np.float32(1.0 / (1.0 / 255.0))
+    return np.asarray(pp.image_mean, np.float32) * inv_scale, np.asarray(pp.image_std, np.float32) * inv_scale
 
-    HF fuses rescale and normalize as (x - mean/scale) / (std/scale) in float32 with
-    scale = 1/255 (mean and std are float32 tensors multiplied by the Python float 1/scale).
-    Evaluating that formula once per level and looking it up gives the same float32 bits as
-    computing it per pixel, at a fraction of the cost.
-    """
-    inv_scale = 1.0 / (1.0 / 255.0)
-    mean = np.asarray(pp.image_mean, dtype=np.float32) * np.float32(inv_scale)
-    std = np.asarray(pp.image_std, dtype=np.float32) * np.float32(inv_scale)
+
+def _normalize_table(pp: VisionPreprocessing) -> np.ndarray:
+    """(3, 256) float32: the normalized value of every uint8 level for each channel. Evaluating
+    HF's formula once per level and looking it up gives the same float32 bits as computing it per
+    pixel, at a fraction of the cost."""
+    mean, std = _fused_mean_std(pp)
     levels = np.arange(256, dtype=np.float32)
-    return ((levels[None, :] - mean[:, None]) / std[:, None]).astype(np.float32)
+    return (levels[None, :] - mean[:, None]) / std[:, None]
 
 
 def _row_dtype(nbytes: int) -> np.dtype:
@@ -157,17 +158,20 @@ def patchify(frames: np.ndarray, pp: VisionPreprocessing, out: np.ndarray | None
         src = planes[ch].view(row).reshape(gt, tp, gh // m, m, p, gw // m, m, k)
         dst = shuffled[:, ch].view(row).reshape(gt, gh // m, gw // m, m, m, tp, p, k)
         dst[...] = src.transpose(0, 2, 5, 3, 6, 1, 4, 7)
-    table = _normalize_table(pp)
     if out is None:
         out = np.empty((n, c * tp * p * p), np.float32)
     elif out.shape != (n, c * tp * p * p) or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"out must be a contiguous float32 array of shape {(n, c * tp * p * p)}")
-    patches = out.reshape(n, c, tp * p * p)
-    if (table == table[0]).all():  # same mean and std on every channel (Qwen3-VL, Qwen3.5)
-        cv2.LUT(shuffled.reshape(n * c, -1), table[0].reshape(1, 256), dst=patches.reshape(n * c, -1))
-    else:
-        for ch in range(c):
-            patches[:, ch] = cv2.LUT(np.ascontiguousarray(shuffled[:, ch]).reshape(n, -1), table[ch].reshape(1, 256))
+    table = _normalize_table(pp)
+    rows = shuffled.reshape(n * c, -1)
+    if (table == table[0]).all():  # same mean and std on every channel (Qwen3-VL, Qwen3.5): one pass
+        cv2.LUT(rows, table[0].reshape(1, 256), dst=out.reshape(n * c, -1))
+    else:  # per-channel constants: levels to float, then HF's (x - mean) / std in place
+        cv2.LUT(rows, np.arange(256, dtype=np.float32).reshape(1, 256), dst=out.reshape(n * c, -1))
+        mean, std = _fused_mean_std(pp)
+        patches = out.reshape(n, c, -1)
+        patches -= mean[None, :, None]
+        patches /= std[None, :, None]
     return out, (gt, gh, gw)
 
 
