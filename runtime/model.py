@@ -15,6 +15,7 @@ from types import ModuleType
 import numpy as np
 
 from edgejudge.errors import InputError
+from edgejudge.manifest import MANIFEST_NAME, verify_artifact
 from edgejudge.runtime import qwen2_5_vl, qwen3_5, qwen3_vl
 from edgejudge.runtime.compat import parse_release
 from edgejudge.runtime.preprocess import VisionPreprocessing, preprocess_video
@@ -54,10 +55,16 @@ def read_config(model_dir: Path) -> dict:
         raise InputError(f"{path}: not valid JSON ({e})") from None
 
 
-def load(model_dir: str | Path, hf: str | None = None) -> Model:
-    """Read a model folder. `hf` picks the HF release to mimic; default: the family's own."""
+def load(model_dir: str | Path, hf: str | None = None, verify: bool = True) -> Model:
+    """Read a model folder. `hf` picks the HF release to mimic; default: the family's own.
+
+    An edgejudge artifact (a folder with edgejudge.json) is checked against its manifest first
+    (`verify`): a changed, missing or truncated file is refused, naming the file.
+    """
     model_dir = Path(model_dir)
     config = read_config(model_dir)
+    if verify and (model_dir / MANIFEST_NAME).is_file():
+        verify_artifact(model_dir)
     family_name = config.get("model_type", "")
     if family_name not in FAMILIES:
         raise InputError(f"{model_dir}: model_type {family_name!r} is not one of {', '.join(FAMILIES)}")
