@@ -8,6 +8,7 @@ run resumes, so those come in as arguments.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Callable, Sequence
 
 import numpy as np
@@ -26,11 +27,19 @@ def resume_after_spatial_extent(start: int, positions: np.ndarray) -> int:
     return int(max(positions[1].max(), positions[2].max())) + 1
 
 
-def vision_positions(start: int, grid: tuple[int, int, int], time_interval: int) -> np.ndarray:
-    """(3, t*h*w) positions of one run of merged vision tokens, row-major over (t, h, w)."""
+@lru_cache(maxsize=64)
+def _grid_positions(grid: tuple[int, int, int], time_interval: int) -> np.ndarray:
+    """Positions of a run starting at 0; cached because every frame block of a clip shares one."""
     t, h, w = grid
     tt, hh, ww = np.meshgrid(np.arange(t) * time_interval, np.arange(h), np.arange(w), indexing="ij")
-    return np.stack([tt.ravel(), hh.ravel(), ww.ravel()]).astype(np.int64) + start
+    positions = np.stack([tt.ravel(), hh.ravel(), ww.ravel()]).astype(np.int64)
+    positions.flags.writeable = False
+    return positions
+
+
+def vision_positions(start: int, grid: tuple[int, int, int], time_interval: int) -> np.ndarray:
+    """(3, t*h*w) positions of one run of merged vision tokens, row-major over (t, h, w)."""
+    return _grid_positions(tuple(int(g) for g in grid), int(time_interval)) + start
 
 
 def mrope_position_ids(
