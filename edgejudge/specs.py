@@ -85,7 +85,9 @@ class JudgeSpec:
     answer: str  # labels | json_score | answer_tag | pairwise_tags
     fields: tuple[str, ...]  # text fields a job provides (instruction, caption, ...)
     user_text: str = ""  # built-in user text with {field} slots, when the prompt is ours to define
-    prompt_source: PromptSource | None = None  # the prompt read from the user's files instead
+    # Or: the prompt texts read from the user's files. The file and assignment/key names are the
+    # defaults the seed judges ship with; `edgejudge judge` lets a user point elsewhere.
+    prompt_sources: tuple[PromptSource, ...] = ()
     labels: tuple[str, ...] = ()  # candidate answers, for answer == "labels"
     views: tuple[str, ...] = ()  # named camera views of one decision
     max_new_tokens: int = 64
@@ -116,7 +118,10 @@ SPECS: dict[str, JudgeSpec] = {
             sample="fps:2",
             answer="json_score",
             fields=("caption", "axis"),
-            prompt_source=PromptSource("subq+human.yaml", ("system_prompt", "user_prompt")),
+            prompt_sources=(
+                PromptSource("subq+human.yaml", ("system_prompt",)),
+                PromptSource("infer.py", ("SUB_QUESTIONS", "CRITERIA")),
+            ),
             max_new_tokens=64,
             extra={"max_pixels_hw": (360, 640)},
         ),
@@ -126,7 +131,7 @@ SPECS: dict[str, JudgeSpec] = {
             sample="fps:16",
             answer="answer_tag",
             fields=("caption",),
-            prompt_source=PromptSource("prompt.yaml", ("system_prompt", "user_prompt")),
+            prompt_sources=(PromptSource("prompt.yaml", ("system_prompt", "user_prompt")),),
             max_new_tokens=4096,
         ),
         JudgeSpec(
@@ -135,7 +140,7 @@ SPECS: dict[str, JudgeSpec] = {
             sample="virtual:128",
             answer="pairwise_tags",
             fields=("caption",),
-            prompt_source=PromptSource("infer.py", ("SYSTEM_PROMPT",)),
+            prompt_sources=(PromptSource("infer.py", ("SYSTEM_PROMPT",)),),
             max_new_tokens=2048,
             images=True,
             extra={"initial_frames": 4, "image_size": 448, "max_turns": 6, "max_picks": 12},

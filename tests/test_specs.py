@@ -12,7 +12,7 @@ def test_seed_judges_are_specs():
     for spec in SPECS.values():
         assert set(spec.families) <= set(FAMILIES)
         assert spec.sample.split(":")[0] in {"uniform", "fps", "virtual"}
-        assert bool(spec.user_text) != bool(spec.prompt_source), spec.name
+        assert bool(spec.user_text) != bool(spec.prompt_sources), spec.name
     robocasa = get_spec("robocasa-completion")
     assert robocasa.labels == ("not complete", "complete") and robocasa.views == ("right", "left")
     assert "{instruction}" in robocasa.user_text
