@@ -75,6 +75,26 @@ def _cmd_fixtures(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    import logging
+
+    # bitsandbytes logs, on import, that an optional CPU kernel from a hub is not installed.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    from edgejudge.export.bnb import export_bnb
+    from edgejudge.specs import get_spec
+
+    hf_logging.disable_progress_bar()  # our own bar counts the export's steps
+
+    if args.spec:
+        get_spec(args.spec)
+    out = export_bnb(Path(args.base), Path(args.adapter) if args.adapter else None, args.precision, Path(args.out),
+                     device=args.device, judge_spec=args.spec)
+    print(f"{out}: {args.format} {args.precision} artifact")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgejudge", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -88,6 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-prompt", action="store_true", help="print the rendered prompt and exit")
     _add_video_options(p)
     p.set_defaults(run=_cmd_inputs)
+
+    p = verbs.add_parser("export", help="merge a LoRA adapter into its base and write a quantized artifact")
+    p.add_argument("--base", required=True, help="base model folder (HF checkpoint, safetensors)")
+    p.add_argument("--adapter", help="PEFT LoRA adapter folder to merge")
+    p.add_argument("--format", choices=["bnb"], default="bnb", help="artifact format (ONNX export comes next)")
+    p.add_argument("--precision", choices=["nf4", "int8"], required=True)
+    p.add_argument("--out", required=True, help="artifact folder to write (must be empty or absent)")
+    p.add_argument("--device", default="cpu", help="where to merge and quantize: cpu or cuda")
+    p.add_argument("--spec", help="judge spec to record in the manifest")
+    p.set_defaults(run=_cmd_export)
 
     p = verbs.add_parser("fixtures", help="build tiny random reference models, LoRA adapters and a demo clip")
     p.add_argument("--out", required=True, help="folder to write <family>/ and <family>-lora/ into")

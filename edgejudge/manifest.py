@@ -17,6 +17,17 @@ from pathlib import Path
 from edgejudge.errors import InputError
 
 MANIFEST_NAME = "edgejudge.json"
+# A checkpoint's files besides config.json and weights that decide what the model sees; an
+# artifact carries them verbatim.
+INPUT_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 FORMAT_VERSION = 1
 _CHUNK = 1 << 22
 

@@ -22,6 +22,7 @@ import transformers
 from transformers import AutoConfig
 
 from edgejudge.errors import InputError
+from edgejudge.manifest import INPUT_FILES
 
 
 @dataclass(frozen=True)
@@ -35,16 +36,6 @@ PRESETS: dict[str, Preset] = {
     "qwen2.5-vl-7b-instruct": Preset("qwen2_5_vl", "Qwen/Qwen2.5-VL-7B-Instruct"),
     "qwen3.5-9b": Preset("qwen3_5", "Qwen/Qwen3.5-9B"),
 }
-
-# Everything in a preset folder except config.json is copied verbatim into a model dir.
-_PASSTHROUGH_FILES = (
-    "preprocessor_config.json",
-    "video_preprocessor_config.json",
-    "tokenizer_config.json",
-    "chat_template.json",
-    "chat_template.jinja",
-    "generation_config.json",
-)
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,7 +158,7 @@ def write_preset_model_dir(
     (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     src = preset_dir(name)
     (out / "generation_config.json").unlink(missing_ok=True)
-    for fname in _PASSTHROUGH_FILES:
+    for fname in INPUT_FILES:  # everything in a preset folder but config.json (no tokenizer.json there)
         if (src / fname).is_file():
             shutil.copyfile(src / fname, out / fname)
     shutil.copyfile(tokenizer_json, out / "tokenizer.json")
