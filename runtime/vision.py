@@ -1,0 +1,157 @@
+"""Qwen3-VL's vision encoder on ONNX Runtime, one 2-frame group per batch row (numpy only).
+
+The graph (written by `edgejudge.export.qwen3_vl`) takes `patches` (G, S, patch_dim),
+`pos_embeds` (S, hidden), `cos`, `sin` (S, head_dim) and returns `features` (G, S/4, out) and
+`deepstack` (len(indexes), G, S/4, out). What depends only on the grid (h, w) is built here from
+the `.npz` next to the graph, following HF 5.17's computation step for step in float32:
+
+- `pos_embeds`: the learned (side x side) table resampled to (h, w) with bilinear taps,
+  align_corners=True (`get_vision_interpolation_indices_and_weights`: source coordinate
+  `i * (side - 1) / (n - 1)`, 2 taps per axis, border clamp, 4 weighted rows summed in tap order),
+  laid out in the processor's merge-window order.
+- `cos`, `sin`: the axial 2D rotary of `Qwen3VLVisionRotaryEmbedding`: angles `pos * inv_freq`
+  for the row and the column position (head_dim / 4 frequencies each), laid out
+  `[h, w, h, w]` over head_dim (rotate-half style).
+
+Groups of one video are contiguous runs of h*w rows in `pixel_values_videos`, and each vision
+attention layer stays inside one group, so groups can be encoded separately (and cached) or
+batched, with the same result.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgejudge.errors import InputError
+
+
+def merge_order_positions(h: int, w: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row, col) of each of a group's h*w patches, in the processor's order: merge-window row,
+    merge-window col, then row and col inside the window."""
+    within = np.arange(h * w, dtype=np.int64)
+    blocks_w = w // merge
+    in_col = within % merge
+    in_row = (within // merge) % merge
+    block_col = (within // (merge * merge)) % blocks_w
+    block_row = within // (merge * merge * blocks_w)
+    return block_row * merge + in_row, block_col * merge + in_col
+
+
+def _axis_taps(index: np.ndarray, size: int, side: int, align_corners: bool) -> tuple[np.ndarray, np.ndarray]:
+    """HF's `_interpolation_axis_taps_weights` for bilinear, in the same float32 operations."""
+    idx = index.astype(np.float32)
+    if align_corners:
+        src = idx * np.float32(side - 1) / np.float32(max(size - 1, 1))
+    else:
+        src = (idx + np.float32(0.5)) * np.float32(side) / np.float32(size) - np.float32(0.5)
+    floor = np.floor(src)
+    offsets = np.arange(2, dtype=np.int64)
+    taps = np.clip(floor.astype(np.int64)[:, None] + offsets, 0, side - 1)
+    distance = np.abs(src[:, None] - floor[:, None] - offsets.astype(np.float32))
+    weights = np.maximum(np.float32(1) - distance, np.float32(0)).astype(np.float32)
+    return taps, weights
+
+
+def position_embeddings(table: np.ndarray, h: int, w: int, merge: int, align_corners: bool = True) -> np.ndarray:
+    """The (h*w, hidden) learned position embeddings of one group, resampled from `table`."""
+    side = int(round(table.shape[0] ** 0.5))
+    row, col = merge_order_positions(h, w, merge)
+    h_taps, h_weights = _axis_taps(row, h, side, align_corners)
+    w_taps, w_weights = _axis_taps(col, w, side, align_corners)
+    indices = (h_taps[:, :, None] * side + w_taps[:, None, :]).reshape(-1, 4)
+    weights = (h_weights[:, :, None] * w_weights[:, None, :]).reshape(-1, 4)
+    out = table[indices[:, 0]] * weights[:, 0, None]
+    for tap in range(1, 4):
+        out = out + table[indices[:, tap]] * weights[:, tap, None]
+    return out.astype(np.float32)
+
+
+def rotary_tables(inv_freq: np.ndarray, h: int, w: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
+    """(cos, sin), each (h*w, head_dim) float32, for one group's patches in merge-window order."""
+    row, col = merge_order_positions(h, w, merge)
+    pos = np.stack([row, col], axis=-1).astype(np.float32)  # (S, 2)
+    freqs = pos[..., None] * inv_freq.astype(np.float32)  # (S, 2, head_dim/4), float32 like HF
+    # cos/sin evaluated in float64 and rounded: within an ulp of torch's float32 kernels.
+    cos = np.cos(freqs.astype(np.float64)).astype(np.float32)
+    sin = np.sin(freqs.astype(np.float64)).astype(np.float32)
+
+    def layout(f: np.ndarray) -> np.ndarray:
+        hw = np.concatenate([f[:, 0], f[:, 1]], axis=-1)
+        return np.ascontiguousarray(np.concatenate([hw, hw], axis=-1))
+
+    return layout(cos), layout(sin)
+
+
+class VisionEncoder:
+    """An ONNX Runtime session on the exported Qwen3-VL vision graph, plus its grid tables."""
+
+    def __init__(self, onnx_path: str | Path, providers=("CPUExecutionProvider",), max_groups: int | None = None):
+        import onnxruntime as ort
+
+        self.path = Path(onnx_path)
+        tables = self.path.with_suffix(".npz")
+        if not self.path.is_file() or not tables.is_file():
+            raise InputError(f"{self.path}: no vision graph (expected {self.path.name} and {tables.name})")
+        with np.load(tables) as data:
+            self.pos_table = data["pos_embed"].astype(np.float32)
+            self.inv_freq = data["inv_freq"].astype(np.float32)
+            self.merge = int(data["spatial_merge_size"])
+            self.patch_dim = int(data["patch_dim"])
+            self.out_hidden = int(data["out_hidden_size"])
+            self.deepstack_indexes = [int(i) for i in data["deepstack_visual_indexes"]]
+            self.align_corners = bool(data["align_corners"])
+        self.session = ort.InferenceSession(str(self.path), providers=list(providers))
+        self.max_groups = max_groups
+        self._grid_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def grid_inputs(self, h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(pos_embeds, cos, sin) of an (h, w) patch grid, cached."""
+        key = (int(h), int(w))
+        if key not in self._grid_cache:
+            if h % self.merge or w % self.merge:
+                raise InputError(f"grid {h}x{w} is not a multiple of the merge size {self.merge}")
+            pos = position_embeddings(self.pos_table, *key, self.merge, self.align_corners)
+            self._grid_cache[key] = (pos, *rotary_tables(self.inv_freq, *key, self.merge))
+        return self._grid_cache[key]
+
+    def encode_groups(self, patches: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """Run (G, h*w, patch_dim) groups of one grid: features (G, h*w/4, out), deepstack (D, G, h*w/4, out)."""
+        patches = np.ascontiguousarray(patches, dtype=np.float32)
+        if patches.ndim != 3 or patches.shape[1] != h * w or patches.shape[2] != self.patch_dim:
+            raise InputError(f"patches of shape {patches.shape} do not fit a {h}x{w} grid of {self.patch_dim}-value patches")
+        pos, cos, sin = self.grid_inputs(h, w)
+        step = self.max_groups or max(len(patches), 1)
+        feats, deeps = [], []
+        for start in range(0, len(patches), step):
+            f, d = self.session.run(None, {"patches": patches[start:start + step], "pos_embeds": pos,
+                                           "cos": cos, "sin": sin})
+            feats.append(f)
+            deeps.append(d)
+        return np.concatenate(feats, axis=0), np.concatenate(deeps, axis=1)
+
+    def encode(self, pixel_values_videos: np.ndarray, video_grid_thw: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The processor's (N, patch_dim) rows -> (features (N/4, out), [deepstack (N/4, out) per index]),
+        in HF's row order (what `model.model.visual(...)` returns as pooler_output, deepstack_features)."""
+        pixels = np.asarray(pixel_values_videos, dtype=np.float32)
+        grids = np.asarray(video_grid_thw, dtype=np.int64).reshape(-1, 3)
+        total = int(np.prod(grids, axis=1).sum())
+        if pixels.ndim != 2 or pixels.shape != (total, self.patch_dim):
+            raise InputError(f"pixel_values_videos of shape {pixels.shape} does not match video_grid_thw "
+                             f"({total} patches of {self.patch_dim} values)")
+        if len(grids) == 0:
+            empty = np.zeros((0, self.out_hidden), np.float32)
+            return empty, [empty.copy() for _ in self.deepstack_indexes]
+        feats: list[np.ndarray] = []
+        deeps: list[np.ndarray] = []
+        start = 0
+        for t, h, w in grids.tolist():
+            n = t * h * w
+            f, d = self.encode_groups(pixels[start:start + n].reshape(t, h * w, self.patch_dim), h, w)
+            feats.append(f.reshape(-1, self.out_hidden))
+            deeps.append(d.reshape(d.shape[0], -1, self.out_hidden))
+            start += n
+        features = np.concatenate(feats, axis=0)
+        deepstack = np.concatenate(deeps, axis=1)
+        return features, [deepstack[i] for i in range(deepstack.shape[0])]

@@ -1,0 +1,166 @@
+"""Qwen3-VL's vision tower as ONNX, one 2-frame group per batch row: ONNX Runtime (CPU, fp32)
+against HF's `model.model.visual(pixel_values_videos, grid_thw=video_grid_thw)` on the tiny model,
+DeepStack features included."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
+
+from edgejudge.export.fixtures import tiny_model_dir
+from edgejudge.export.qwen3_vl import IR_VERSION, OPSET, export_vision_onnx, load_visual
+from edgejudge.runtime import model as runtime_model
+from edgejudge.runtime.video import read_video
+from edgejudge.runtime.vision import VisionEncoder, position_embeddings, rotary_tables
+
+TOL = 1e-4
+TEXT = "Instruction: Place the red block in the box.\nIs it complete?"
+
+# (frames, height, width) of each video in one prompt
+CASES = {
+    "one_video": [(4, 64, 96)],
+    "odd_frames_non_square": [(3, 101, 333)],  # 3 frames -> padded to grid_t 2; 101x333 pixels
+    "two_videos": [(4, 64, 96), (6, 200, 120)],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model_dir = tiny_model_dir("qwen3_vl")
+    visual = load_visual(model_dir)
+    return model_dir, visual
+
+
+@pytest.fixture(scope="module")
+def exported(tiny, tmp_path_factory):
+    model_dir, visual = tiny
+    path = export_vision_onnx(model_dir, tmp_path_factory.mktemp("vision") / "vision.onnx", visual=visual)
+    return path, VisionEncoder(path)
+
+
+def _inputs(model_dir, shapes, seed=0) -> dict:
+    model = runtime_model.load(model_dir)
+    rng = np.random.default_rng(seed)
+    clips = [read_video(rng.integers(0, 256, (*s, 3), dtype=np.uint8), fps=2.0) for s in shapes]
+    return runtime_model.build_inputs(model, clips, TEXT)
+
+
+def _hf(visual, arrays):
+    with torch.no_grad():
+        out = visual(torch.from_numpy(arrays["pixel_values_videos"]),
+                     grid_thw=torch.from_numpy(arrays["video_grid_thw"]))
+    return out.pooler_output.numpy(), [d.numpy() for d in out.deepstack_features]
+
+
+def test_graph_signature(exported, tiny):
+    path, _ = exported
+    config = tiny[1].config
+    graph = onnx.load(str(path), load_external_data=False)
+    assert graph.ir_version == IR_VERSION
+    assert {o.domain: o.version for o in graph.opset_import}[""] == OPSET
+    assert [i.name for i in graph.graph.input] == ["patches", "pos_embeds", "cos", "sin"]
+    assert [o.name for o in graph.graph.output] == ["features", "deepstack"]
+    deepstack = graph.graph.output[1].type.tensor_type.shape.dim
+    assert deepstack[0].dim_value == len(config.deepstack_visual_indexes)
+    assert deepstack[-1].dim_value == config.out_hidden_size
+    assert (path.parent / (path.name + ".data")).is_file()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_hf(case, tiny, exported):
+    model_dir, visual = tiny
+    _, encoder = exported
+    arrays = _inputs(model_dir, CASES[case])
+    assert len(arrays["video_grid_thw"]) == len(CASES[case])
+    ref_features, ref_deepstack = _hf(visual, arrays)
+    features, deepstack = encoder.encode(arrays["pixel_values_videos"], arrays["video_grid_thw"])
+    assert features.shape == ref_features.shape and features.dtype == np.float32
+    assert len(deepstack) == len(ref_deepstack) == len(visual.config.deepstack_visual_indexes)
+    diffs = [float(np.abs(features - ref_features).max())]
+    for ours, ref in zip(deepstack, ref_deepstack):
+        assert ours.shape == ref.shape
+        diffs.append(float(np.abs(ours - ref).max()))
+    print(f"{case}: grids {arrays['video_grid_thw'].tolist()} max abs diff features {diffs[0]:.2e}, "
+          f"deepstack {', '.join(f'{d:.2e}' for d in diffs[1:])}")
+    assert max(diffs) <= TOL, diffs
+
+
+def test_odd_frame_count_pads_to_two_groups(tiny):
+    arrays = _inputs(tiny[0], CASES["odd_frames_non_square"])
+    t, h, w = arrays["video_grid_thw"][0].tolist()
+    assert t == 2 and h != w
+
+
+@pytest.mark.parametrize("h,w", [(4, 6), (6, 20), (48, 48), (100, 36), (2, 2)])
+def test_grid_tables_match_hf(tiny, h, w):
+    """pos_embeds are bit-identical to HF's; cos/sin within one float32 ulp (torch's own cos/sin
+    kernels are not reproducible bit for bit in numpy)."""
+    visual = tiny[1]
+    merge = visual.config.spatial_merge_size
+    grid = torch.tensor([[1, h, w]])
+    idx, weights = get_vision_interpolation_indices_and_weights(
+        grid, visual.num_grid_per_side, mode="bilinear", align_corners=True, spatial_merge_size=merge)
+    with torch.no_grad():
+        ref_pos = (visual.pos_embed(idx) * weights[:, :, None]).sum(1).numpy()
+        ref_cos, ref_sin = visual.rotary_pos_emb(torch.zeros(1), get_vision_position_ids(grid, merge))
+    pos = position_embeddings(visual.pos_embed.weight.detach().numpy(), h, w, merge)
+    cos, sin = rotary_tables(visual.rotary_pos_emb.inv_freq.numpy(), h, w, merge)
+    np.testing.assert_array_equal(pos, ref_pos)
+    np.testing.assert_allclose(cos, ref_cos.numpy(), rtol=0, atol=1.2e-7)
+    np.testing.assert_allclose(sin, ref_sin.numpy(), rtol=0, atol=1.2e-7)
+
+
+def test_groups_encode_independently(tiny, exported):
+    """Each 2-frame group alone gives what it gives in a batch: groups can be cached."""
+    _, encoder = exported
+    arrays = _inputs(tiny[0], [(8, 64, 96)], seed=3)
+    t, h, w = arrays["video_grid_thw"][0].tolist()
+    groups = arrays["pixel_values_videos"].reshape(t, h * w, -1)
+    batched_f, batched_d = encoder.encode_groups(groups, h, w)
+    for g in range(t):
+        alone_f, alone_d = encoder.encode_groups(groups[g:g + 1], h, w)
+        np.testing.assert_allclose(alone_f[0], batched_f[g], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(alone_d[:, 0], batched_d[:, g], rtol=0, atol=1e-6)
+    # a shuffled batch gives the same per-group result
+    order = np.arange(t)[::-1]
+    shuffled_f, _ = encoder.encode_groups(groups[order], h, w)
+    np.testing.assert_allclose(shuffled_f, batched_f[order], rtol=0, atol=1e-6)
+    # and running one group per session call (max_groups=1) changes nothing either
+    one_at_a_time = VisionEncoder(exported[0], max_groups=1)
+    f, d = one_at_a_time.encode(arrays["pixel_values_videos"], arrays["video_grid_thw"])
+    np.testing.assert_allclose(f, batched_f.reshape(f.shape), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.stack(d), batched_d.reshape(len(d), *f.shape), rtol=0, atol=1e-6)
+
+
+def test_shape_mismatch_is_an_input_error(exported):
+    from edgejudge.errors import InputError
+
+    _, encoder = exported
+    with pytest.raises(InputError):
+        encoder.encode(np.zeros((15, encoder.patch_dim), np.float32), np.array([[1, 4, 4]]))
+    with pytest.raises(InputError):  # a grid side that is not a multiple of the merge size
+        encoder.encode(np.zeros((18, encoder.patch_dim), np.float32), np.array([[1, 3, 6]]))
+    features, deepstack = encoder.encode(np.zeros((0, encoder.patch_dim), np.float32), np.zeros((0, 3), np.int64))
+    assert features.shape == (0, encoder.out_hidden) and len(deepstack) == len(encoder.deepstack_indexes)
+
+
+def test_vision_runtime_imports_no_torch(exported):
+    path, _ = exported
+    code = (
+        "import sys, numpy as np\n"
+        "from edgejudge.runtime.vision import VisionEncoder\n"
+        f"enc = VisionEncoder({str(path)!r})\n"
+        "f, d = enc.encode(np.zeros((16, enc.patch_dim), np.float32), np.array([[1, 4, 4]]))\n"
+        "assert f.shape == (4, enc.out_hidden) and len(d) == len(enc.deepstack_indexes)\n"
+        "bad = [m for m in ('torch', 'transformers', 'peft', 'onnx') if m in sys.modules]\n"
+        "print(','.join(bad))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "", f"the vision runtime imported {proc.stdout.strip()}"
