@@ -129,7 +129,7 @@ def build_inputs(model: Model, clips: list[Clip], text: str, system: str | None 
         text += [family.video_text(clip.indices, clip.fps, grid, vision), after]
         extras.append(family.video_extras(clip, vision, model.hf))
     prompt = "".join(text)
-    ids = np.asarray(model.prompter.encode(prompt), dtype=np.int64)
+    ids = model.prompter.encode(prompt)
     if len(ids) + 1 > model.max_positions:
         raise InputError(f"the prompt is {len(ids)} tokens, over the model's context of {model.max_positions}")
     positions, delta = family.position_ids(ids, model.video_token_id, grids, model.config, extras, model.hf)

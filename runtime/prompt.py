@@ -9,16 +9,20 @@ tokenizer_config.json). It is rendered in a jinja2 sandbox configured like HF's
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import jinja2.ext
+import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from edgejudge.errors import InputError
+
+PAD_TOKENS = ("<|video_pad|>", "<|image_pad|>")  # stand-ins the processor repeats once per vision token
 
 
 def _raise_exception(message: str):
@@ -85,6 +89,8 @@ class Prompter:
             k: v for k in ("bos_token", "eos_token", "pad_token", "unk_token") if isinstance(v := config.get(k), str)
         }
         self.model_max_length = int(config.get("model_max_length") or 0) or None
+        self._pad_ids = {t: i for t in PAD_TOKENS if (i := self.tokenizer.token_to_id(t)) is not None}
+        self._pad_runs = re.compile("(" + ("|".join(f"(?:{re.escape(t)})+" for t in self._pad_ids) or "(?!)") + ")")
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, **template_vars: Any) -> str:
         """The prompt text exactly as `apply_chat_template(..., tokenize=False)` returns it."""
@@ -103,9 +109,24 @@ class Prompter:
             raise InputError(f"the tokenizer has no token {token!r}")
         return token_id
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids as the HF processor's tokenizer call gives them (Qwen adds no BOS/EOS)."""
-        return self.tokenizer.encode(text, add_special_tokens=True).ids
+    def encode(self, text: str) -> np.ndarray:
+        """Token ids (int64) as the HF processor's tokenizer call gives them (Qwen adds no BOS/EOS).
+
+        A prompt holds thousands of pad tokens per video; runs of them are spliced in as ids and
+        only the text between them goes through the tokenizer (4x faster for a 64-frame clip).
+        Same ids as encoding the whole string: pads are added tokens, which the tokenizer splits
+        out before anything else, so the text around them tokenizes the same either way.
+        """
+        parts = self._pad_runs.split(text)
+        texts = self.tokenizer.encode_batch(parts[0::2], add_special_tokens=False)
+        ids = []
+        for i, part in enumerate(parts):
+            if i % 2:
+                token = part[: part.index("|>") + 2]
+                ids.append(np.full(len(part) // len(token), self._pad_ids[token], np.int64))
+            else:
+                ids.append(np.asarray(texts[i // 2].ids, np.int64))
+        return np.concatenate(ids)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
