@@ -77,20 +77,29 @@ def _cmd_fixtures(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     import logging
+    import warnings
 
     # bitsandbytes logs, on import, that an optional CPU kernel from a hub is not installed.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
-    from edgejudge.export.bnb import export_bnb
     from edgejudge.specs import get_spec
 
     hf_logging.disable_progress_bar()  # our own bar counts the export's steps
+    warnings.simplefilter("ignore")  # the exporters' deprecation chatter; errors still raise
 
     if args.spec:
         get_spec(args.spec)
-    out = export_bnb(Path(args.base), Path(args.adapter) if args.adapter else None, args.precision, Path(args.out),
-                     device=args.device, judge_spec=args.spec)
+    adapter = Path(args.adapter) if args.adapter else None
+    if args.format == "bnb":
+        from edgejudge.export.bnb import export_bnb
+
+        out = export_bnb(Path(args.base), adapter, args.precision, Path(args.out), device=args.device,
+                         judge_spec=args.spec)
+    else:
+        from edgejudge.export.onnx import export_onnx
+
+        out = export_onnx(Path(args.base), adapter, args.precision, Path(args.out), judge_spec=args.spec)
     print(f"{out}: {args.format} {args.precision} artifact")
     return 0
 
@@ -112,8 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("export", help="merge a LoRA adapter into its base and write a quantized artifact")
     p.add_argument("--base", required=True, help="base model folder (HF checkpoint, safetensors)")
     p.add_argument("--adapter", help="PEFT LoRA adapter folder to merge")
-    p.add_argument("--format", choices=["bnb"], default="bnb", help="artifact format (ONNX export comes next)")
-    p.add_argument("--precision", choices=["nf4", "int8"], required=True)
+    p.add_argument("--format", choices=["onnx", "bnb"], required=True,
+                   help="onnx: ONNX Runtime graphs (Qwen3-VL, fp32 so far); bnb: bitsandbytes safetensors")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4", "nf4"], required=True,
+                   help="onnx: fp32 so far; bnb: nf4 or int8")
     p.add_argument("--out", required=True, help="artifact folder to write (must be empty or absent)")
     p.add_argument("--device", default="cpu", help="where to merge and quantize: cpu or cuda")
     p.add_argument("--spec", help="judge spec to record in the manifest")

@@ -9,18 +9,15 @@ most sensitive to rounding.
 
 from __future__ import annotations
 
-import shutil
 import tempfile
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from edgejudge.errors import InputError
-from edgejudge.manifest import INPUT_FILES, Manifest, write_manifest
+from edgejudge.export.artifact import check_out_dir, finish_artifact
 from edgejudge.export.merge import base_class, check_adapter, merge_adapter, save_merged
-from edgejudge.runtime import model as runtime_model
 
 PRECISIONS = ("nf4", "int8")
 # Kept in the float dtype (name prefixes or suffixes): the vision tower and LM head, and Qwen3.5's
@@ -47,13 +44,9 @@ def export_bnb(base_dir: Path, adapter_dir: Path | None, precision: str, out_dir
     cls, _ = base_class(base_dir)  # every input is checked before any weight is read
     if adapter_dir is not None:
         check_adapter(base_dir, Path(adapter_dir))
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise InputError(f"{out_dir}: output folder is not empty")
+    check_out_dir(out_dir)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     quant = quantization_config(precision, dtype)
-    import bitsandbytes  # after the checks: importing it logs about optional kernels
-    import transformers
-
     with tempfile.TemporaryDirectory(prefix="edgejudge-merged-") as tmp, \
             tqdm(total=4, desc=f"export bnb {precision}", unit="step") as steps:
         steps.set_postfix_str("merge")
@@ -66,20 +59,9 @@ def export_bnb(base_dir: Path, adapter_dir: Path | None, precision: str, out_dir
         steps.set_postfix_str("save")
         out_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out_dir)
-        for name in INPUT_FILES:
-            if (base_dir / name).is_file():
-                shutil.copyfile(base_dir / name, out_dir / name)
         steps.update()
         steps.set_postfix_str("manifest")
-        inputs = runtime_model.load(out_dir)
-        special = {t: inputs.prompter.token_id(t) for t in ("<|im_start|>", "<|im_end|>", "<|vision_start|>",
-                                                             "<|vision_end|>", "<|video_pad|>", "<|image_pad|>")}
-        write_manifest(out_dir, Manifest(
-            family=inputs.family_name, format="bnb", precision=precision, preprocessing=inputs.vision.to_dict(),
-            special_tokens=special, chat_template=inputs.prompter.template_source, judge_spec=judge_spec,
-            versions={"edgejudge": version("edgejudge"), "torch": torch.__version__,
-                      "transformers": transformers.__version__, "peft": version("peft"),
-                      "bitsandbytes": bitsandbytes.__version__},
-        ))
+        finish_artifact(base_dir, out_dir, "bnb", precision, judge_spec,
+                        ("torch", "transformers", "peft", "bitsandbytes"), copy_config=False)
         steps.update()
     return out_dir

@@ -70,16 +70,16 @@ def test_export_loads_and_stays_close(family, precision, tmp_path):
 
 def test_cli_export_and_bad_input(tmp_path, capsys):
     base = tiny_model_dir("qwen3_vl")
-    assert main(["export", "--base", str(base), "--precision", "int8", "--out", str(tmp_path / "a"),
+    assert main(["export", "--base", str(base), "--format", "bnb", "--precision", "int8", "--out", str(tmp_path / "a"),
                  "--spec", "robocasa-completion"]) == 0
     assert verify_artifact(tmp_path / "a").judge_spec == "robocasa-completion"
     capsys.readouterr()
-    assert main(["export", "--base", str(base), "--precision", "int8", "--out", str(tmp_path / "a")]) == 2
+    assert main(["export", "--base", str(base), "--format", "bnb", "--precision", "int8", "--out", str(tmp_path / "a")]) == 2
     assert "not empty" in capsys.readouterr().err
-    assert main(["export", "--base", str(tmp_path), "--precision", "nf4", "--out", str(tmp_path / "b")]) == 2
+    assert main(["export", "--base", str(tmp_path), "--format", "bnb", "--precision", "nf4", "--out", str(tmp_path / "b")]) == 2
     assert "config.json" in capsys.readouterr().err
     other = build_tiny_adapter(tiny_model_dir("qwen2_5_vl"), tmp_path / "other-lora")
-    assert main(["export", "--base", str(base), "--adapter", str(other), "--precision", "nf4",
+    assert main(["export", "--base", str(base), "--adapter", str(other), "--format", "bnb", "--precision", "nf4",
                  "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("edgejudge: error: ")
