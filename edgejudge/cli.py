@@ -99,7 +99,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     else:
         from edgejudge.export.onnx import export_onnx
 
-        out = export_onnx(Path(args.base), adapter, args.precision, Path(args.out), judge_spec=args.spec)
+        out = export_onnx(Path(args.base), adapter, args.precision, Path(args.out), judge_spec=args.spec,
+                          block_size=args.block_size, symmetric=not args.asymmetric)
     print(f"{out}: {args.format} {args.precision} artifact")
     return 0
 
@@ -124,9 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["onnx", "bnb"], required=True,
                    help="onnx: ONNX Runtime graphs (Qwen3-VL, fp32 so far); bnb: bitsandbytes safetensors")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4", "nf4"], required=True,
-                   help="onnx: fp32 so far; bnb: nf4 or int8")
+                   help="onnx: fp32, int8 or int4 (decoder weights); bnb: nf4 or int8")
     p.add_argument("--out", required=True, help="artifact folder to write (must be empty or absent)")
-    p.add_argument("--device", default="cpu", help="where to merge and quantize: cpu or cuda")
+    p.add_argument("--device", default="cpu", help="bnb: where to merge and quantize, cpu or cuda")
+    p.add_argument("--block-size", type=int, default=32, help="onnx int8/int4: weights per quantization block")
+    p.add_argument("--asymmetric", action="store_true", help="onnx int8/int4: zero points (default symmetric)")
     p.add_argument("--spec", help="judge spec to record in the manifest")
     p.set_defaults(run=_cmd_export)
 

@@ -1,12 +1,15 @@
 """ONNX artifacts: the merged judge as ONNX Runtime graphs the torch-free runtime loads.
 
-So far: Qwen3-VL in fp32, as three graphs (vision encoder per 2-frame group with DeepStack,
-text decoder from ORT's fused operators with a KV cache, LM head) plus the embedding table.
-fp16, int8/int4 (MatMulNBits) and the other families come next.
+So far: Qwen3-VL, as three graphs (vision encoder per 2-frame group with DeepStack, text decoder
+from ORT's fused operators with a KV cache, LM head) plus the embedding table. int8/int4 quantize
+the decoder's linear layers weight-only to MatMulNBits with ONNX Runtime's own quantizer (RTN,
+block-wise, symmetric or not); the vision tower and LM head stay in float. fp16 graphs and the
+other families come next.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -20,11 +23,32 @@ from edgejudge.export.qwen3_vl import export_vision_onnx
 
 VISION_NAME = "vision.onnx"
 FAMILIES = ("qwen3_vl",)
-PRECISIONS = ("fp32",)
+PRECISIONS = ("fp32", "int8", "int4")
+
+
+def quantize_decoder(decoder_path: Path, bits: int, block_size: int, symmetric: bool) -> None:
+    """Rewrite the decoder's MatMuls with constant weights as MatMulNBits (weight-only RTN)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    from edgejudge.export.onnx_decoder import IR_VERSION
+
+    model = onnx.load(str(decoder_path))
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, bits=bits)
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
+                                     algo_config=config)
+    quantizer.process()
+    quantized = quantizer.model.model
+    quantized.ir_version = IR_VERSION
+    data = decoder_path.with_name(decoder_path.name + ".data")
+    data.unlink()
+    onnx.save_model(quantized, str(decoder_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    os.chmod(data, 0o644)  # onnx creates it owner-only; artifacts get copied around
 
 
 def export_onnx(base_dir: Path, adapter_dir: Path | None, precision: str, out_dir: Path,
-                judge_spec: str | None = None) -> Path:
+                judge_spec: str | None = None, block_size: int = 32, symmetric: bool = True) -> Path:
     """Merge `adapter_dir` into `base_dir` and write the ONNX artifact folder."""
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     _, config = base_class(base_dir)
@@ -44,10 +68,14 @@ def export_onnx(base_dir: Path, adapter_dir: Path | None, precision: str, out_di
         export_vision_onnx(None, out_dir / VISION_NAME, visual=model.model.visual)
         steps.update()
         steps.set_postfix_str("decoder")
-        export_decoder_onnx(None, out_dir, model=model)
+        decoder = export_decoder_onnx(None, out_dir, model=model)
+        if precision != "fp32":
+            steps.set_postfix_str(f"quantize {precision}")
+            quantize_decoder(decoder, bits=int(precision[3:]), block_size=block_size, symmetric=symmetric)
         steps.update()
         steps.set_postfix_str("manifest")
-        finish_artifact(base_dir, out_dir, "onnx", precision, judge_spec,
+        finish_artifact(base_dir, out_dir, "onnx", precision if precision == "fp32" else
+                        f"{precision}-b{block_size}-{'sym' if symmetric else 'asym'}", judge_spec,
                         ("torch", "transformers", "peft", "onnx", "onnxruntime"), copy_config=True)
         steps.update()
     return out_dir

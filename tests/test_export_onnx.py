@@ -87,13 +87,35 @@ def test_label_nll_matches_hf_with_unmerged_adapter(exported):
         assert min(ours, key=ours.get) == min(ref, key=ref.get)
 
 
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantized_decoder_reports_its_error(exported, precision, tmp_path):
+    import onnx
+
+    base, adapter, fp32 = exported
+    out = tmp_path / precision
+    assert main(["export", "--base", str(base), "--adapter", str(adapter), "--format", "onnx",
+                 "--precision", precision, "--out", str(out)]) == 0
+    assert verify_artifact(out).precision == f"{precision}-b32-sym"
+    ops = {n.op_type for n in onnx.load(str(out / "decoder.onnx"), load_external_data=False).graph.node}
+    assert "MatMulNBits" in ops and "MatMul" not in ops
+    size = (out / "decoder.onnx.data").stat().st_size
+    assert size < (fp32 / "decoder.onnx.data").stat().st_size * {"int8": 0.4, "int4": 0.3}[precision]
+    errors = []
+    for seed in range(3):
+        frames = np.random.default_rng(seed).integers(0, 256, (6, 64, 96, 3), dtype=np.uint8)
+        exact, approx = _label_nll_onnx(fp32, frames), _label_nll_onnx(out, frames)
+        errors += [abs(exact[label] - approx[label]) for label in SPEC.labels]
+    print(f"{precision}: label NLL |error| vs fp32, max {max(errors):.2e}")
+    assert 0 < max(errors) < {"int8": 0.01, "int4": 0.2}[precision]
+
+
 def test_onnx_export_refusals(tmp_path, capsys):
     assert main(["export", "--base", str(tiny_model_dir("qwen2_5_vl")), "--format", "onnx", "--precision", "fp32",
                  "--out", str(tmp_path / "a")]) == 2
     assert "ONNX export supports qwen3_vl so far" in capsys.readouterr().err
-    assert main(["export", "--base", str(tiny_model_dir("qwen3_vl")), "--format", "onnx", "--precision", "int4",
+    assert main(["export", "--base", str(tiny_model_dir("qwen3_vl")), "--format", "onnx", "--precision", "fp16",
                  "--out", str(tmp_path / "b")]) == 2
-    assert "precision fp32 so far" in capsys.readouterr().err
+    assert "precision fp32, int8, int4 so far" in capsys.readouterr().err
     assert main(["export", "--base", str(tiny_model_dir("qwen3_vl")), "--format", "bnb", "--precision", "fp16",
                  "--out", str(tmp_path / "c")]) == 2
     assert "expected one of nf4, int8" in capsys.readouterr().err
