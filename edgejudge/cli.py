@@ -21,7 +21,8 @@ def _add_video_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sample",
         default="fps:2",
-        help="frames to keep: none | uniform:N | fps:F (the model family's fps sampler); default fps:2",
+        help="frames to keep: none | uniform:N | fps:F (the model family's fps sampler); "
+             "default fps:2 (verify: the judge spec's policy)",
     )
     parser.add_argument("--hf", help="transformers release whose input behaviour to reproduce, e.g. 4.57 or 5.17 "
                         "(default: the release line the family's judges were trained with)")
@@ -105,6 +106,40 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    import json
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.simplefilter("ignore")
+    from edgejudge.export.verify import verify
+    from edgejudge.manifest import read_manifest
+    from edgejudge.runtime import model as runtime_model
+    from edgejudge.runtime.video import read_video
+    from edgejudge.specs import get_spec
+
+    name = args.spec or read_manifest(Path(args.artifact)).judge_spec
+    if not name:
+        raise InputError(f"{args.artifact} records no judge spec: pass --spec")
+    spec = get_spec(name)
+    fields = {"instruction": args.instruction}
+    missing = [f for f in spec.fields if not fields.get(f)]
+    if missing:
+        raise InputError(f"spec {spec.name} needs --{' --'.join(missing)}")
+    model = runtime_model.load(Path(args.artifact), hf=args.hf)
+    clips = [runtime_model.sample_clip(model, read_video(v, fps=_array_fps(v, args.fps)), args.sample or spec.sample)
+             for v in args.video]
+    reports = verify(model, Path(args.reference), Path(args.adapter) if args.adapter else None,
+                     spec, clips, spec.user_text.format(**fields), device=args.device)
+    for video, report in zip(args.video, reports):
+        print(json.dumps({"video": video, **report}))
+    agreement = sum(r["agree"] for r in reports) / len(reports)
+    print(json.dumps({"videos": len(reports), "decision_agreement": agreement,
+                      "max_abs_nll_diff": max(r["max_abs_nll_diff"] for r in reports)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgejudge", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -132,6 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--asymmetric", action="store_true", help="onnx int8/int4: zero points (default symmetric)")
     p.add_argument("--spec", help="judge spec to record in the manifest")
     p.set_defaults(run=_cmd_export)
+
+    p = verbs.add_parser("verify", help="compare an artifact with its HF reference on your own videos")
+    p.add_argument("artifact", help="artifact folder written by `edgejudge export`")
+    p.add_argument("--reference", required=True, help="the base model folder (HF checkpoint)")
+    p.add_argument("--adapter", help="the LoRA adapter, applied unmerged to the reference")
+    p.add_argument("--video", action="append", required=True, help="one decision per video; repeatable")
+    p.add_argument("--spec", help="judge spec (default: the one recorded in the artifact)")
+    p.add_argument("--instruction", help="the instruction text, for specs that take one")
+    p.add_argument("--device", default="cpu", help="where the torch models run: cpu or cuda")
+    _add_video_options(p)
+    p.set_defaults(run=_cmd_verify, sample=None)
 
     p = verbs.add_parser("fixtures", help="build tiny random reference models, LoRA adapters and a demo clip")
     p.add_argument("--out", required=True, help="folder to write <family>/ and <family>-lora/ into")

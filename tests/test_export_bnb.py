@@ -83,3 +83,19 @@ def test_cli_export_and_bad_input(tmp_path, capsys):
                  "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("edgejudge: error: ")
+
+
+def test_verify_a_bnb_artifact(tmp_path):
+    from edgejudge.export.verify import verify
+    from edgejudge.specs import get_spec
+
+    base = tiny_model_dir("qwen3_vl")
+    adapter = build_tiny_adapter(base, tmp_path / "lora")
+    out = export_bnb(base, adapter, "int8", tmp_path / "artifact")
+    model = runtime_model.load(out)
+    frames = np.random.default_rng(3).integers(0, 256, (6, 64, 96, 3), dtype=np.uint8)
+    spec = get_spec("robocasa-completion")
+    [report] = verify(model, base, adapter, spec, [read_video(frames, fps=2.0)], spec.user_text.format(instruction="x"))
+    print(f"bnb int8 label NLL |error| vs reference: {report['max_abs_nll_diff']:.2e}")
+    assert 0 < report["max_abs_nll_diff"] < 0.05
+    assert set(report["artifact"]) == set(spec.labels) and isinstance(report["agree"], bool)

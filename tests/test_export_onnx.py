@@ -4,19 +4,17 @@ adapter, and the RoboCasa decision is the same. fp32, tiny Qwen3-VL, CPU."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
-import torch
-from peft import PeftModel
 
 from edgejudge.cli import main
 from edgejudge.export.fixtures import build_tiny_adapter, tiny_model_dir
-from edgejudge.export.merge import load_base
+from edgejudge.export.verify import OnnxScorer, reference_scorer
 from edgejudge.manifest import verify_artifact
 from edgejudge.runtime import model as runtime_model
-from edgejudge.runtime.decoder import TextDecoder, decode_position_ids
 from edgejudge.runtime.video import read_video
-from edgejudge.runtime.vision import VisionEncoder
 from edgejudge.specs import get_spec
 
 SPEC = get_spec("robocasa-completion")
@@ -34,44 +32,10 @@ def exported(tmp_path_factory):
     return base, adapter, out
 
 
-def _label_nll_onnx(artifact, frames) -> dict[str, float]:
-    """Each label scored by its own forward over prompt + label (mean NLL per label token)."""
+def _label_nll(artifact, frames, scorer) -> dict[str, float]:
     model = runtime_model.load(artifact)  # checks the manifest
     arrays = runtime_model.build_inputs(model, [read_video(frames, fps=2.0)], TEXT)
-    vision, decoder = VisionEncoder(artifact / "vision.onnx"), TextDecoder(artifact)
-    features, taps = vision.encode(arrays["pixel_values_videos"], arrays["video_grid_thw"])
-    prompt_len = arrays["input_ids"].shape[1]
-    scores = {}
-    for label in SPEC.labels:
-        label_ids = model.prompter.encode(label)[None]
-        ids = np.concatenate([arrays["input_ids"], label_ids], axis=1)
-        positions = np.concatenate(
-            [arrays["position_ids"], decode_position_ids(prompt_len, label_ids.shape[1], arrays["rope_deltas"])], axis=2)
-        embeds, deepstack = decoder.multimodal_embeds(ids, model.video_token_id, features, taps)
-        hidden = decoder.prefill(embeds, *decoder.cos_sin(positions), deepstack)
-        logits = decoder.logits(hidden[:, prompt_len - 1 : -1])[0].astype(np.float64)
-        logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
-        scores[label] = float(-logp[np.arange(label_ids.shape[1]), label_ids[0]].mean())
-    return scores
-
-
-def _label_nll_hf(base, adapter, artifact, frames) -> dict[str, float]:
-    model = PeftModel.from_pretrained(load_base(base), adapter).eval()  # unmerged
-    inputs = runtime_model.load(artifact)
-    arrays = runtime_model.build_inputs(inputs, [read_video(frames, fps=2.0)], TEXT)
-    prompt_len = arrays["input_ids"].shape[1]
-    scores = {}
-    for label in SPEC.labels:
-        label_ids = torch.from_numpy(inputs.prompter.encode(label))[None]
-        ids = torch.cat([torch.from_numpy(arrays["input_ids"]), label_ids], dim=1)
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                           pixel_values_videos=torch.from_numpy(arrays["pixel_values_videos"]),
-                           video_grid_thw=torch.from_numpy(arrays["video_grid_thw"]),
-                           mm_token_type_ids=(ids == inputs.video_token_id).long() * 2).logits[0]
-        logp = logits[prompt_len - 1 : -1].double().log_softmax(-1)
-        scores[label] = float(-logp[torch.arange(label_ids.shape[1]), label_ids[0]].mean())
-    return scores
+    return scorer(model, arrays, SPEC.labels)
 
 
 def test_label_nll_matches_hf_with_unmerged_adapter(exported):
@@ -79,9 +43,10 @@ def test_label_nll_matches_hf_with_unmerged_adapter(exported):
     manifest = verify_artifact(artifact)
     assert (manifest.format, manifest.precision, manifest.judge_spec) == ("onnx", "fp32", SPEC.name)
     assert {"vision.onnx", "decoder.onnx", "lm_head.onnx", "embed.npy", "config.json"} <= set(manifest.files)
+    onnx_scorer, hf_scorer = OnnxScorer(artifact), reference_scorer(base, adapter)  # HF: adapter unmerged
     for seed in range(3):
         frames = np.random.default_rng(seed).integers(0, 256, (6, 64, 96, 3), dtype=np.uint8)
-        ours, ref = _label_nll_onnx(artifact, frames), _label_nll_hf(base, adapter, artifact, frames)
+        ours, ref = _label_nll(artifact, frames, onnx_scorer), _label_nll(artifact, frames, hf_scorer)
         for label in SPEC.labels:
             assert abs(ours[label] - ref[label]) <= 1e-4, (seed, label, ours, ref)
         assert min(ours, key=ours.get) == min(ref, key=ref.get)
@@ -103,10 +68,33 @@ def test_quantized_decoder_reports_its_error(exported, precision, tmp_path):
     errors = []
     for seed in range(3):
         frames = np.random.default_rng(seed).integers(0, 256, (6, 64, 96, 3), dtype=np.uint8)
-        exact, approx = _label_nll_onnx(fp32, frames), _label_nll_onnx(out, frames)
+        exact, approx = _label_nll(fp32, frames, OnnxScorer(fp32)), _label_nll(out, frames, OnnxScorer(out))
         errors += [abs(exact[label] - approx[label]) for label in SPEC.labels]
     print(f"{precision}: label NLL |error| vs fp32, max {max(errors):.2e}")
     assert 0 < max(errors) < {"int8": 0.01, "int4": 0.2}[precision]
+
+
+def test_verify_command(exported, tmp_path, capsys):
+    """The user's accuracy gate: per-video NLLs of artifact and reference, and the agreement."""
+    base, adapter, artifact = exported
+    videos = []
+    for seed in range(2):
+        path = tmp_path / f"clip{seed}.npy"
+        np.save(path, np.random.default_rng(seed).integers(0, 256, (6, 64, 96, 3), dtype=np.uint8))
+        videos += ["--video", str(path)]
+    capsys.readouterr()
+    assert main(["verify", str(artifact), "--reference", str(base), "--adapter", str(adapter), *videos,
+                 "--fps", "2", "--sample", "none", "--instruction", "Place the red block in the box."]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 3 and lines[-1]["videos"] == 2 and lines[-1]["decision_agreement"] == 1.0
+    assert lines[-1]["max_abs_nll_diff"] <= 1e-4
+    assert set(lines[0]["artifact"]) == set(SPEC.labels)
+    # Without the adapter the reference is another judge: the gate must show it.
+    assert main(["verify", str(artifact), "--reference", str(base), *videos, "--fps", "2", "--sample", "none",
+                 "--instruction", "Place the red block in the box."]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["max_abs_nll_diff"] > 1e-3
+    assert main(["verify", str(artifact), "--reference", str(base), *videos, "--fps", "2"]) == 2
+    assert "needs --instruction" in capsys.readouterr().err
 
 
 def test_onnx_export_refusals(tmp_path, capsys):
