@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnx: fp32, int8 or int4 (decoder weights); bnb: nf4 or int8")
     p.add_argument("--out", required=True, help="artifact folder to write (must be empty or absent)")
     p.add_argument("--device", default="cpu", help="bnb: where to merge and quantize, cpu or cuda")
-    p.add_argument("--block-size", type=int, default=32, help="onnx int8/int4: weights per quantization block")
+    p.add_argument("--block-size", type=int, default=128, help="onnx int8/int4: weights per quantization block")
     p.add_argument("--asymmetric", action="store_true", help="onnx int8/int4: zero points (default symmetric)")
     p.add_argument("--spec", help="judge spec to record in the manifest")
     p.set_defaults(run=_cmd_export)

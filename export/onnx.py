@@ -48,7 +48,7 @@ def quantize_decoder(decoder_path: Path, bits: int, block_size: int, symmetric: 
 
 
 def export_onnx(base_dir: Path, adapter_dir: Path | None, precision: str, out_dir: Path,
-                judge_spec: str | None = None, block_size: int = 32, symmetric: bool = True) -> Path:
+                judge_spec: str | None = None, block_size: int = 128, symmetric: bool = True) -> Path:
     """Merge `adapter_dir` into `base_dir` and write the ONNX artifact folder."""
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     _, config = base_class(base_dir)

@@ -59,7 +59,7 @@ def test_quantized_decoder_reports_its_error(exported, precision, tmp_path):
     base, adapter, fp32 = exported
     out = tmp_path / precision
     assert main(["export", "--base", str(base), "--adapter", str(adapter), "--format", "onnx",
-                 "--precision", precision, "--out", str(out)]) == 0
+                 "--precision", precision, "--block-size", "32", "--out", str(out)]) == 0
     assert verify_artifact(out).precision == f"{precision}-b32-sym"
     ops = {n.op_type for n in onnx.load(str(out / "decoder.onnx"), load_external_data=False).graph.node}
     assert "MatMulNBits" in ops and "MatMul" not in ops
