@@ -9,7 +9,6 @@ other families come next.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from edgejudge.errors import InputError
 from edgejudge.export.artifact import check_out_dir, finish_artifact
 from edgejudge.export.merge import base_class, check_adapter, merge_adapter
 from edgejudge.export.onnx_decoder import export_decoder_onnx
+from edgejudge.export.onnx_io import save_onnx
 from edgejudge.export.qwen3_vl import export_vision_onnx
 
 VISION_NAME = "vision.onnx"
@@ -31,20 +31,12 @@ def quantize_decoder(decoder_path: Path, bits: int, block_size: int, symmetric: 
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    from edgejudge.export.onnx_decoder import IR_VERSION
-
     model = onnx.load(str(decoder_path))
     config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, bits=bits)
     quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
                                      algo_config=config)
     quantizer.process()
-    quantized = quantizer.model.model
-    quantized.ir_version = IR_VERSION
-    data = decoder_path.with_name(decoder_path.name + ".data")
-    data.unlink()
-    onnx.save_model(quantized, str(decoder_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024)
-    os.chmod(data, 0o644)  # onnx creates it owner-only; artifacts get copied around
+    save_onnx(quantizer.model.model, decoder_path)
 
 
 def export_onnx(base_dir: Path, adapter_dir: Path | None, precision: str, out_dir: Path,

@@ -28,13 +28,12 @@ Written into one folder:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-OPSET = 18
-IR_VERSION = 10  # onnx 1.23 writes IR 14 by default; ORT reads 10 everywhere we ship
+from edgejudge.export.onnx_io import IR_VERSION, OPSET, save_onnx
+
 MS_DOMAIN = "com.microsoft"
 DECODER_NAME, LM_HEAD_NAME, EMBED_NAME, SIDECAR_NAME = "decoder.onnx", "lm_head.onnx", "embed.npy", "decoder.npz"
 
@@ -269,15 +268,8 @@ def export_decoder_onnx(model_dir: str | Path | None, out_dir: str | Path, model
     tc = _text_config(model)
 
     proto = build_decoder_graph(model)
-    meta = {"edgejudge.component": "qwen3_vl.decoder", "edgejudge.text_config": json.dumps(tc.to_dict())}
-    for key, value in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    data_name = DECODER_NAME + ".data"
-    (out_dir / data_name).unlink(missing_ok=True)
-    onnx.save_model(proto, str(out_dir / DECODER_NAME), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=1024)
-    os.chmod(out_dir / data_name, 0o644)
+    save_onnx(proto, out_dir / DECODER_NAME,
+              {"edgejudge.component": "qwen3_vl.decoder", "edgejudge.text_config": json.dumps(tc.to_dict())})
 
     embed = _np(model.model.language_model.embed_tokens.weight)
     np.save(out_dir / EMBED_NAME, embed)

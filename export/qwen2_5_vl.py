@@ -30,16 +30,14 @@ go to one external-data file (`<name>.onnx.data`), as for Qwen3-VL.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-OPSET = 18
-IR_VERSION = 10  # onnx 1.23 writes IR 14 by default; ORT reads 10 everywhere we ship
+from edgejudge.export.onnx_io import export_module
+
 INPUT_NAMES = ("patches", "window_mask", "cos", "sin")
 OUTPUT_NAMES = ("features",)
 
@@ -151,42 +149,19 @@ def export_vision_onnx(model_dir: str | Path, out_path: str | Path, dtype: torch
 
     Only fp32 is exported for now (fp16 needs the softmax and norms kept in fp32 inside the graph).
     """
-    import onnx
-
     if dtype != torch.float32:
         raise NotImplementedError("only fp32 vision export is implemented so far")
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     if visual is None:
         visual = load_visual(model_dir, dtype)
-    encoder = VisionGroupEncoder(visual).eval()
-    args = example_inputs(visual)
-    # The TorchScript exporter writes a > 2 GB graph as one file per weight next to it: export into
-    # a scratch folder, then re-save with a single external-data file.
-    with tempfile.TemporaryDirectory(dir=out_path.parent) as scratch, torch.no_grad():
-        tmp = Path(scratch) / "vision.onnx"
-        torch.onnx.export(
-            encoder, args, str(tmp), dynamo=False, opset_version=OPSET,
-            input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
-            dynamic_axes={"patches": {0: "groups", 1: "patches_per_group"},
+    export_module(
+        VisionGroupEncoder(visual).eval(), example_inputs(visual), out_path, INPUT_NAMES, OUTPUT_NAMES,
+        dynamic_axes={"patches": {0: "groups", 1: "patches_per_group"},
                           "window_mask": {0: "patches_per_group", 1: "patches_per_group"},
                           "cos": {0: "patches_per_group"}, "sin": {0: "patches_per_group"},
                           "features": {0: "groups", 1: "tokens_per_group"}},
-            do_constant_folding=True,
-        )
-        model = onnx.load(str(tmp))  # external data, if any, is read in here
-    model.ir_version = IR_VERSION
-    for out in model.graph.output:  # the tracer leaves the hidden size symbolic
-        out.type.tensor_type.shape.dim[-1].dim_value = visual.config.out_hidden_size
-    config = visual.config
-    meta = {"edgejudge.component": "qwen2_5_vl.vision", "edgejudge.vision_config": json.dumps(config.to_dict())}
-    for key, value in meta.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    data_name = out_path.name + ".data"
-    (out_path.parent / data_name).unlink(missing_ok=True)
-    onnx.save_model(model, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=1024)
-    os.chmod(out_path.parent / data_name, 0o644)  # onnx creates it owner-only; artifacts get copied around
+        metadata={"edgejudge.component": "qwen2_5_vl.vision", "edgejudge.vision_config": json.dumps(visual.config.to_dict())},
+        last_dims={name: visual.config.out_hidden_size for name in OUTPUT_NAMES},
+    )
     np.savez(sidecar_path(out_path), **sidecar_arrays(visual))
     return out_path

@@ -84,25 +84,31 @@ def rotary_tables(inv_freq: np.ndarray, h: int, w: int, merge: int) -> tuple[np.
     return layout(cos), layout(sin)
 
 
+def open_vision_graph(onnx_path: str | Path, providers) -> tuple[Path, dict[str, np.ndarray], object]:
+    """An exported vision graph: its path, its grid tables (the .npz beside it), its ORT session."""
+    import onnxruntime as ort
+
+    path = Path(onnx_path)
+    tables = path.with_suffix(".npz")
+    if not path.is_file() or not tables.is_file():
+        raise InputError(f"{path}: no vision graph (expected {path.name} and {tables.name})")
+    with np.load(tables) as data:
+        arrays = {k: data[k] for k in data.files}
+    return path, arrays, ort.InferenceSession(str(path), providers=list(providers))
+
+
 class VisionEncoder:
     """An ONNX Runtime session on the exported Qwen3-VL vision graph, plus its grid tables."""
 
     def __init__(self, onnx_path: str | Path, providers=("CPUExecutionProvider",), max_groups: int | None = None):
-        import onnxruntime as ort
-
-        self.path = Path(onnx_path)
-        tables = self.path.with_suffix(".npz")
-        if not self.path.is_file() or not tables.is_file():
-            raise InputError(f"{self.path}: no vision graph (expected {self.path.name} and {tables.name})")
-        with np.load(tables) as data:
-            self.pos_table = data["pos_embed"].astype(np.float32)
-            self.inv_freq = data["inv_freq"].astype(np.float32)
-            self.merge = int(data["spatial_merge_size"])
-            self.patch_dim = int(data["patch_dim"])
-            self.out_hidden = int(data["out_hidden_size"])
-            self.deepstack_indexes = [int(i) for i in data["deepstack_visual_indexes"]]
-            self.align_corners = bool(data["align_corners"])
-        self.session = ort.InferenceSession(str(self.path), providers=list(providers))
+        self.path, data, self.session = open_vision_graph(onnx_path, providers)
+        self.pos_table = data["pos_embed"].astype(np.float32)
+        self.inv_freq = data["inv_freq"].astype(np.float32)
+        self.merge = int(data["spatial_merge_size"])
+        self.patch_dim = int(data["patch_dim"])
+        self.out_hidden = int(data["out_hidden_size"])
+        self.deepstack_indexes = [int(i) for i in data["deepstack_visual_indexes"]]
+        self.align_corners = bool(data["align_corners"])
         self.max_groups = max_groups
         self._grid_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from edgejudge.errors import InputError
-from edgejudge.runtime.vision import merge_order_positions, rotary_tables
+from edgejudge.runtime.vision import merge_order_positions, open_vision_graph, rotary_tables
 
 __all__ = ["VisionEncoder", "merge_order_positions", "rotary_tables", "window_ids", "window_index", "window_mask"]
 
@@ -87,20 +87,13 @@ class VisionEncoder:
     """An ONNX Runtime session on the exported Qwen2.5-VL vision graph, plus its grid tables."""
 
     def __init__(self, onnx_path: str | Path, providers=("CPUExecutionProvider",), max_groups: int | None = None):
-        import onnxruntime as ort
-
-        self.path = Path(onnx_path)
-        tables = self.path.with_suffix(".npz")
-        if not self.path.is_file() or not tables.is_file():
-            raise InputError(f"{self.path}: no vision graph (expected {self.path.name} and {tables.name})")
-        with np.load(tables) as data:
-            self.inv_freq = data["inv_freq"].astype(np.float32)
-            self.merge = int(data["spatial_merge_size"])
-            self.patch_size = int(data["patch_size"])
-            self.window_size = int(data["window_size"])
-            self.patch_dim = int(data["patch_dim"])
-            self.out_hidden = int(data["out_hidden_size"])
-        self.session = ort.InferenceSession(str(self.path), providers=list(providers))
+        self.path, data, self.session = open_vision_graph(onnx_path, providers)
+        self.inv_freq = data["inv_freq"].astype(np.float32)
+        self.merge = int(data["spatial_merge_size"])
+        self.patch_size = int(data["patch_size"])
+        self.window_size = int(data["window_size"])
+        self.patch_dim = int(data["patch_dim"])
+        self.out_hidden = int(data["out_hidden_size"])
         self.max_groups = max_groups
         self._grid_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from edgejudge.export.fixtures import tiny_model_dir
-from edgejudge.export.onnx_decoder import IR_VERSION, OPSET, export_decoder_onnx, load_model
+from edgejudge.export.onnx_decoder import export_decoder_onnx, load_model
+from edgejudge.export.onnx_io import IR_VERSION, OPSET
 from edgejudge.export.qwen3_vl import export_vision_onnx
 from edgejudge.runtime import model as runtime_model
 from edgejudge.runtime.decoder import TextDecoder, decode_position_ids, mrope_cos_sin

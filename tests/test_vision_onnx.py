@@ -14,7 +14,8 @@ import torch
 from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
 
 from edgejudge.export.fixtures import tiny_model_dir
-from edgejudge.export.qwen3_vl import IR_VERSION, OPSET, export_vision_onnx, load_visual
+from edgejudge.export.onnx_io import IR_VERSION, OPSET
+from edgejudge.export.qwen3_vl import export_vision_onnx, load_visual
 from edgejudge.runtime import model as runtime_model
 from edgejudge.runtime.video import read_video
 from edgejudge.runtime.vision import VisionEncoder, position_embeddings, rotary_tables

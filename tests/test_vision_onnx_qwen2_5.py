@@ -21,7 +21,8 @@ import torch
 from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
 from edgejudge.export.fixtures import tiny_model_dir
-from edgejudge.export.qwen2_5_vl import IR_VERSION, OPSET, export_vision_onnx, load_visual
+from edgejudge.export.onnx_io import IR_VERSION, OPSET
+from edgejudge.export.qwen2_5_vl import export_vision_onnx, load_visual
 from edgejudge.runtime import model as runtime_model
 from edgejudge.runtime.video import read_video
 from edgejudge.runtime.vision_qwen2_5 import VisionEncoder, cu_window_seqlens, rotary_tables, window_ids

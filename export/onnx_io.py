@@ -1,0 +1,52 @@
+"""How every edgejudge ONNX graph is written: one IR version and opset, metadata, and one
+external-data file beside the graph."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+OPSET = 18
+IR_VERSION = 10  # onnx 1.23 writes IR 14 by default; ORT reads 10 everywhere we ship
+
+
+def save_onnx(model, out_path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write `model` to `out_path` with its weights in `<name>.data` (readable by all: artifacts get
+    copied around, and onnx creates the file owner-only)."""
+    import onnx
+
+    model.ir_version = IR_VERSION
+    for key, value in (metadata or {}).items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    data = out_path.with_name(out_path.name + ".data")
+    data.unlink(missing_ok=True)
+    onnx.save_model(model, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    os.chmod(data, 0o644)
+    return out_path
+
+
+def export_module(module: torch.nn.Module, args: tuple, out_path: Path, input_names, output_names,
+                  dynamic_axes: dict, metadata: dict[str, str], last_dims: dict[str, int] | None = None) -> Path:
+    """torch.onnx.export (TorchScript exporter) of `module`, saved with save_onnx.
+
+    The exporter writes a graph over 2 GB as one file per weight: export into a scratch folder,
+    load, then save once with a single data file. `last_dims` fixes output sizes the tracer
+    leaves symbolic.
+    """
+    import onnx
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_path.parent) as scratch, torch.no_grad():
+        tmp = Path(scratch) / out_path.name
+        torch.onnx.export(module, args, str(tmp), dynamo=False, opset_version=OPSET, input_names=list(input_names),
+                          output_names=list(output_names), dynamic_axes=dynamic_axes, do_constant_folding=True)
+        model = onnx.load(str(tmp))  # external data, if any, is read in here
+    for out in model.graph.output:
+        if out.name in (last_dims or {}):
+            out.type.tensor_type.shape.dim[-1].dim_value = last_dims[out.name]
+    return save_onnx(model, out_path, metadata)
