@@ -3,10 +3,12 @@ external-data file beside the graph."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 OPSET = 18
@@ -50,3 +52,24 @@ def export_module(module: torch.nn.Module, args: tuple, out_path: Path, input_na
         if out.name in (last_dims or {}):
             out.type.tensor_type.shape.dim[-1].dim_value = last_dims[out.name]
     return save_onnx(model, out_path, metadata)
+
+
+def load_visual(model_dir: Path, family: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The vision tower of a `family` checkpoint, from safetensors, in eval mode."""
+    from edgejudge.errors import InputError
+    from edgejudge.export.merge import load_base
+
+    model = load_base(Path(model_dir), dtype=dtype)
+    if model.config.model_type != family:
+        raise InputError(f"{model_dir}: a {model.config.model_type!r} model, not {family}")
+    return model.model.visual.eval()
+
+
+def export_vision(encoder: torch.nn.Module, example_args: tuple, out_path: Path, input_names, output_names,
+                  dynamic_axes: dict, component: str, config, tables: dict[str, np.ndarray]) -> Path:
+    """A family's per-group vision graph, plus the .npz of tables its runtime builds grid inputs from."""
+    export_module(encoder.eval(), example_args, out_path, input_names, output_names, dynamic_axes,
+                  metadata={"edgejudge.component": component, "edgejudge.vision_config": json.dumps(config.to_dict())},
+                  last_dims={name: config.out_hidden_size for name in output_names})
+    np.savez(out_path.with_suffix(".npz"), **tables)
+    return out_path

@@ -20,14 +20,13 @@ The weights always go to one external-data file (`<name>.onnx.data`) so that the
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from edgejudge.export.onnx_io import export_module
+from edgejudge.export import onnx_io
 
 INPUT_NAMES = ("patches", "pos_embeds", "cos", "sin")
 OUTPUT_NAMES = ("features", "deepstack")
@@ -100,17 +99,8 @@ def sidecar_arrays(visual: nn.Module) -> dict[str, np.ndarray]:
     }
 
 
-def sidecar_path(onnx_path: str | Path) -> Path:
-    return Path(onnx_path).with_suffix(".npz")
-
-
 def load_visual(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    from edgejudge.export.merge import load_base
-
-    model = load_base(Path(model_dir), dtype=dtype)
-    if model.config.model_type != "qwen3_vl":
-        raise ValueError(f"{model_dir}: a {model.config.model_type!r} model, not qwen3_vl")
-    return model.model.visual.eval()
+    return onnx_io.load_visual(Path(model_dir), "qwen3_vl", dtype)
 
 
 def example_inputs(visual: nn.Module, groups: int = 2, h: int = 4, w: int = 6):
@@ -139,15 +129,12 @@ def export_vision_onnx(model_dir: str | Path, out_path: str | Path, dtype: torch
     out_path = Path(out_path)
     if visual is None:
         visual = load_visual(model_dir, dtype)
-    export_module(
-        VisionGroupEncoder(visual).eval(), example_inputs(visual), out_path, INPUT_NAMES, OUTPUT_NAMES,
+    return onnx_io.export_vision(
+        VisionGroupEncoder(visual), example_inputs(visual), out_path, INPUT_NAMES, OUTPUT_NAMES,
         dynamic_axes={"patches": {0: "groups", 1: "patches_per_group"},
-                          "pos_embeds": {0: "patches_per_group"},
-                          "cos": {0: "patches_per_group"}, "sin": {0: "patches_per_group"},
-                          "features": {0: "groups", 1: "tokens_per_group"},
-                          "deepstack": {1: "groups", 2: "tokens_per_group"}},
-        metadata={"edgejudge.component": "qwen3_vl.vision", "edgejudge.vision_config": json.dumps(visual.config.to_dict())},
-        last_dims={name: visual.config.out_hidden_size for name in OUTPUT_NAMES},
+                      "pos_embeds": {0: "patches_per_group"},
+                      "cos": {0: "patches_per_group"}, "sin": {0: "patches_per_group"},
+                      "features": {0: "groups", 1: "tokens_per_group"},
+                      "deepstack": {1: "groups", 2: "tokens_per_group"}},
+        component="qwen3_vl.vision", config=visual.config, tables=sidecar_arrays(visual),
     )
-    np.savez(sidecar_path(out_path), **sidecar_arrays(visual))
-    return out_path

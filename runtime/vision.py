@@ -84,80 +84,99 @@ def rotary_tables(inv_freq: np.ndarray, h: int, w: int, merge: int) -> tuple[np.
     return layout(cos), layout(sin)
 
 
-def open_vision_graph(onnx_path: str | Path, providers) -> tuple[Path, dict[str, np.ndarray], object]:
-    """An exported vision graph: its path, its grid tables (the .npz beside it), its ORT session."""
-    import onnxruntime as ort
+class GroupedVisionGraph:
+    """An exported vision graph run one 2-frame group per batch row (every vision attention layer
+    stays inside a group, so this is exact and groups can be cached): the shared runner of the
+    families' encoders. A family supplies the per-grid tables its graph takes besides `patches`
+    (`_grid_tables`), cached per (h, w) here.
 
-    path = Path(onnx_path)
-    tables = path.with_suffix(".npz")
-    if not path.is_file() or not tables.is_file():
-        raise InputError(f"{path}: no vision graph (expected {path.name} and {tables.name})")
-    with np.load(tables) as data:
-        arrays = {k: data[k] for k in data.files}
-    return path, arrays, ort.InferenceSession(str(path), providers=list(providers))
-
-
-class VisionEncoder:
-    """An ONNX Runtime session on the exported Qwen3-VL vision graph, plus its grid tables."""
+    Outputs keep the layout the graph declares: each has a `groups` axis, followed by the tokens
+    of a group and the hidden size; `encode` merges groups and tokens into the processor's order.
+    """
 
     def __init__(self, onnx_path: str | Path, providers=("CPUExecutionProvider",), max_groups: int | None = None):
-        self.path, data, self.session = open_vision_graph(onnx_path, providers)
-        self.pos_table = data["pos_embed"].astype(np.float32)
-        self.inv_freq = data["inv_freq"].astype(np.float32)
-        self.merge = int(data["spatial_merge_size"])
-        self.patch_dim = int(data["patch_dim"])
-        self.out_hidden = int(data["out_hidden_size"])
-        self.deepstack_indexes = [int(i) for i in data["deepstack_visual_indexes"]]
-        self.align_corners = bool(data["align_corners"])
-        self.max_groups = max_groups
-        self._grid_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        import onnxruntime as ort
 
-    def grid_inputs(self, h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(pos_embeds, cos, sin) of an (h, w) patch grid, cached."""
+        self.path = Path(onnx_path)
+        tables = self.path.with_suffix(".npz")
+        if not self.path.is_file() or not tables.is_file():
+            raise InputError(f"{self.path}: no vision graph (expected {self.path.name} and {tables.name})")
+        with np.load(tables) as data:
+            self.tables = {k: data[k] for k in data.files}
+        self.session = ort.InferenceSession(str(self.path), providers=list(providers))
+        self.outputs = [(o.name, o.shape.index("groups"), o.shape[: o.shape.index("groups")])
+                        for o in self.session.get_outputs()]
+        self.inv_freq = self.tables["inv_freq"].astype(np.float32)
+        self.merge = int(self.tables["spatial_merge_size"])
+        self.patch_dim = int(self.tables["patch_dim"])
+        self.out_hidden = int(self.tables["out_hidden_size"])
+        self.max_groups = max_groups
+        self._grid_cache: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+
+    def _grid_tables(self, h: int, w: int) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def grid_inputs(self, h: int, w: int) -> tuple[np.ndarray, ...]:
+        """The graph's inputs besides `patches` for an (h, w) patch grid, in input order, cached."""
         key = (int(h), int(w))
         if key not in self._grid_cache:
-            if h % self.merge or w % self.merge:
-                raise InputError(f"grid {h}x{w} is not a multiple of the merge size {self.merge}")
-            pos = position_embeddings(self.pos_table, *key, self.merge, self.align_corners)
-            self._grid_cache[key] = (pos, *rotary_tables(self.inv_freq, *key, self.merge))
-        return self._grid_cache[key]
+            if h <= 0 or w <= 0 or h % self.merge or w % self.merge:
+                raise InputError(f"grid {h}x{w} is not a positive multiple of the merge size {self.merge}")
+            self._grid_cache[key] = self._grid_tables(*key)
+        return tuple(self._grid_cache[key].values())
 
-    def encode_groups(self, patches: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-        """Run (G, h*w, patch_dim) groups of one grid: features (G, h*w/4, out), deepstack (D, G, h*w/4, out)."""
+    def _run_groups(self, patches: np.ndarray, h: int, w: int) -> list[np.ndarray]:
         patches = np.ascontiguousarray(patches, dtype=np.float32)
         if patches.ndim != 3 or patches.shape[1] != h * w or patches.shape[2] != self.patch_dim:
             raise InputError(f"patches of shape {patches.shape} do not fit a {h}x{w} grid of {self.patch_dim}-value patches")
-        pos, cos, sin = self.grid_inputs(h, w)
+        self.grid_inputs(h, w)
+        tables = self._grid_cache[(int(h), int(w))]
         step = self.max_groups or max(len(patches), 1)
-        feats, deeps = [], []
-        for start in range(0, len(patches), step):
-            f, d = self.session.run(None, {"patches": patches[start:start + step], "pos_embeds": pos,
-                                           "cos": cos, "sin": sin})
-            feats.append(f)
-            deeps.append(d)
-        return np.concatenate(feats, axis=0), np.concatenate(deeps, axis=1)
+        runs = [self.session.run(None, {"patches": patches[i:i + step], **tables}) for i in range(0, len(patches), step)]
+        return [np.concatenate([run[k] for run in runs], axis=axis) for k, (_, axis, _) in enumerate(self.outputs)]
 
-    def encode(self, pixel_values_videos: np.ndarray, video_grid_thw: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        """The processor's (N, patch_dim) rows -> (features (N/4, out), [deepstack (N/4, out) per index]),
-        in HF's row order (what `model.model.visual(...)` returns as pooler_output, deepstack_features)."""
+    def _encode(self, pixel_values_videos: np.ndarray, video_grid_thw: np.ndarray) -> list[np.ndarray]:
+        """The processor's (N, patch_dim) rows -> each output with groups and tokens merged into
+        the N/4 merged tokens, in HF's row order (a group's rows are contiguous there)."""
         pixels = np.asarray(pixel_values_videos, dtype=np.float32)
         grids = np.asarray(video_grid_thw, dtype=np.int64).reshape(-1, 3)
         total = int(np.prod(grids, axis=1).sum())
         if pixels.ndim != 2 or pixels.shape != (total, self.patch_dim):
             raise InputError(f"pixel_values_videos of shape {pixels.shape} does not match video_grid_thw "
                              f"({total} patches of {self.patch_dim} values)")
-        if len(grids) == 0:
-            empty = np.zeros((0, self.out_hidden), np.float32)
-            return empty, [empty.copy() for _ in self.deepstack_indexes]
-        feats: list[np.ndarray] = []
-        deeps: list[np.ndarray] = []
+        per_output: list[list[np.ndarray]] = [[np.zeros((*lead, 0, self.out_hidden), np.float32)]
+                                              for _, _, lead in self.outputs]
         start = 0
         for t, h, w in grids.tolist():
             n = t * h * w
-            f, d = self.encode_groups(pixels[start:start + n].reshape(t, h * w, self.patch_dim), h, w)
-            feats.append(f.reshape(-1, self.out_hidden))
-            deeps.append(d.reshape(d.shape[0], -1, self.out_hidden))
+            for parts, out, (_, axis, _) in zip(per_output, self._run_groups(
+                    pixels[start:start + n].reshape(t, h * w, self.patch_dim), h, w), self.outputs):
+                parts.append(out.reshape(*out.shape[:axis], -1, self.out_hidden))
             start += n
-        features = np.concatenate(feats, axis=0)
-        deepstack = np.concatenate(deeps, axis=1)
-        return features, [deepstack[i] for i in range(deepstack.shape[0])]
+        return [np.concatenate(parts, axis=axis) for parts, (_, axis, _) in zip(per_output, self.outputs)]
+
+
+class VisionEncoder(GroupedVisionGraph):
+    """Qwen3-VL: learned position embeddings interpolated to the grid, 2D rotary, DeepStack taps."""
+
+    def __init__(self, onnx_path: str | Path, providers=("CPUExecutionProvider",), max_groups: int | None = None):
+        super().__init__(onnx_path, providers, max_groups)
+        self.pos_table = self.tables["pos_embed"].astype(np.float32)
+        self.deepstack_indexes = [int(i) for i in self.tables["deepstack_visual_indexes"]]
+        self.align_corners = bool(self.tables["align_corners"])
+
+    def _grid_tables(self, h: int, w: int) -> dict[str, np.ndarray]:
+        cos, sin = rotary_tables(self.inv_freq, h, w, self.merge)
+        return {"pos_embeds": position_embeddings(self.pos_table, h, w, self.merge, self.align_corners),
+                "cos": cos, "sin": sin}
+
+    def encode_groups(self, patches: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """Run (G, h*w, patch_dim) groups of one grid: features (G, h*w/4, out), deepstack (D, G, h*w/4, out)."""
+        features, deepstack = self._run_groups(patches, h, w)
+        return features, deepstack
+
+    def encode(self, pixel_values_videos: np.ndarray, video_grid_thw: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(features (N/4, out), [deepstack (N/4, out) per tap]): what `model.model.visual(...)`
+        returns as pooler_output and deepstack_features."""
+        features, deepstack = self._encode(pixel_values_videos, video_grid_thw)
+        return features, list(deepstack)

@@ -29,8 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgejudge.errors import InputError
-from edgejudge.runtime.vision import merge_order_positions, open_vision_graph, rotary_tables
+from edgejudge.runtime.vision import GroupedVisionGraph, merge_order_positions, rotary_tables
 
 __all__ = ["VisionEncoder", "merge_order_positions", "rotary_tables", "window_ids", "window_index", "window_mask"]
 
@@ -83,60 +82,22 @@ def window_mask(h: int, w: int, merge: int, window_size: int, patch_size: int) -
     return np.where(ids[:, None] == ids[None, :], np.float32(0), MASK_VALUE).astype(np.float32)
 
 
-class VisionEncoder:
-    """An ONNX Runtime session on the exported Qwen2.5-VL vision graph, plus its grid tables."""
+class VisionEncoder(GroupedVisionGraph):
+    """Qwen2.5-VL: windowed attention as an additive mask per grid, 2D rotary."""
 
     def __init__(self, onnx_path: str | Path, providers=("CPUExecutionProvider",), max_groups: int | None = None):
-        self.path, data, self.session = open_vision_graph(onnx_path, providers)
-        self.inv_freq = data["inv_freq"].astype(np.float32)
-        self.merge = int(data["spatial_merge_size"])
-        self.patch_size = int(data["patch_size"])
-        self.window_size = int(data["window_size"])
-        self.patch_dim = int(data["patch_dim"])
-        self.out_hidden = int(data["out_hidden_size"])
-        self.max_groups = max_groups
-        self._grid_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        super().__init__(onnx_path, providers, max_groups)
+        self.patch_size = int(self.tables["patch_size"])
+        self.window_size = int(self.tables["window_size"])
 
-    def grid_inputs(self, h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(window_mask, cos, sin) of an (h, w) patch grid, cached."""
-        key = (int(h), int(w))
-        if key not in self._grid_cache:
-            if h <= 0 or w <= 0 or h % self.merge or w % self.merge:
-                raise InputError(f"grid {h}x{w} is not a positive multiple of the merge size {self.merge}")
-            mask = window_mask(*key, self.merge, self.window_size, self.patch_size)
-            self._grid_cache[key] = (mask, *rotary_tables(self.inv_freq, *key, self.merge))
-        return self._grid_cache[key]
+    def _grid_tables(self, h: int, w: int) -> dict[str, np.ndarray]:
+        cos, sin = rotary_tables(self.inv_freq, h, w, self.merge)
+        return {"window_mask": window_mask(h, w, self.merge, self.window_size, self.patch_size), "cos": cos, "sin": sin}
 
     def encode_groups(self, patches: np.ndarray, h: int, w: int) -> np.ndarray:
         """Run (G, h*w, patch_dim) groups of one grid: features (G, h*w/4, out)."""
-        patches = np.ascontiguousarray(patches, dtype=np.float32)
-        if patches.ndim != 3 or patches.shape[1] != h * w or patches.shape[2] != self.patch_dim:
-            raise InputError(f"patches of shape {patches.shape} do not fit a {h}x{w} grid of {self.patch_dim}-value patches")
-        mask, cos, sin = self.grid_inputs(h, w)
-        step = self.max_groups or max(len(patches), 1)
-        feats = []
-        for start in range(0, len(patches), step):
-            (f,) = self.session.run(None, {"patches": patches[start:start + step], "window_mask": mask,
-                                           "cos": cos, "sin": sin})
-            feats.append(f)
-        return np.concatenate(feats, axis=0)
+        return self._run_groups(patches, h, w)[0]
 
     def encode(self, pixel_values_videos: np.ndarray, video_grid_thw: np.ndarray) -> np.ndarray:
-        """The processor's (N, patch_dim) rows -> features (N/4, out), in HF's row order (what
-        `model.model.visual(...)` returns as pooler_output)."""
-        pixels = np.asarray(pixel_values_videos, dtype=np.float32)
-        grids = np.asarray(video_grid_thw, dtype=np.int64).reshape(-1, 3)
-        total = int(np.prod(grids, axis=1).sum())
-        if pixels.ndim != 2 or pixels.shape != (total, self.patch_dim):
-            raise InputError(f"pixel_values_videos of shape {pixels.shape} does not match video_grid_thw "
-                             f"({total} patches of {self.patch_dim} values)")
-        if len(grids) == 0:
-            return np.zeros((0, self.out_hidden), np.float32)
-        feats: list[np.ndarray] = []
-        start = 0
-        for t, h, w in grids.tolist():
-            n = t * h * w
-            f = self.encode_groups(pixels[start:start + n].reshape(t, h * w, self.patch_dim), h, w)
-            feats.append(f.reshape(-1, self.out_hidden))
-            start += n
-        return np.concatenate(feats, axis=0)
+        """Features (N/4, out): what `model.model.visual(...)` returns as pooler_output."""
+        return self._encode(pixel_values_videos, video_grid_thw)[0]
