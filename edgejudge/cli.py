@@ -22,7 +22,7 @@ def _add_video_options(parser: argparse.ArgumentParser) -> None:
         "--sample",
         default="fps:2",
         help="frames to keep: none | uniform:N | fps:F (the model family's fps sampler); "
-             "default fps:2 (verify: the judge spec's policy)",
+             "default fps:2 (verify, run: the judge spec's policy)",
     )
     parser.add_argument("--hf", help="transformers release whose input behaviour to reproduce, e.g. 4.57 or 5.17 "
                         "(default: the release line the family's judges were trained with)")
@@ -101,7 +101,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         from edgejudge.export.onnx import export_onnx
 
         out = export_onnx(Path(args.base), adapter, args.precision, Path(args.out), judge_spec=args.spec,
-                          block_size=args.block_size, symmetric=not args.asymmetric)
+                          block_size=args.block_size, symmetric=not args.asymmetric, activations=args.activations,
+                          algorithm=args.algorithm, lm_head_bits=args.lm_head_bits,
+                          int8_last_layers=args.int8_last_layers, device=args.device)
     print(f"{out}: {args.format} {args.precision} artifact")
     return 0
 
@@ -140,6 +142,88 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_judge(args: argparse.Namespace) -> int:
+    import json
+
+    from edgejudge.judge import Judge, spec_text
+    from edgejudge.manifest import read_manifest
+    from edgejudge.runtime import model as runtime_model
+    from edgejudge.runtime.video import read_video
+    from edgejudge.specs import get_spec
+
+    name = args.spec or read_manifest(Path(args.artifact)).judge_spec
+    if not name:
+        raise InputError(f"{args.artifact} records no judge spec: pass --spec")
+    spec = get_spec(name)
+    fields = {f: getattr(args, f) for f in ("instruction", "caption") if getattr(args, f) is not None}
+    if args.axis:
+        fields["axis"] = args.axis[0]
+    unknown = sorted(set(fields) - set(spec.fields))
+    if unknown:
+        raise InputError(f"spec {spec.name} takes {', '.join('--' + f for f in spec.fields)}; not --{', --'.join(unknown)}")
+    if args.print_prompt:
+        model = runtime_model.load(Path(args.artifact), hf=args.hf)
+        print(runtime_model.render_prompt(model, 1, spec_text(spec, fields)), end="")
+        return 0
+    if bool(args.video) == bool(args.view):
+        raise InputError("pass the videos with --video V (in the spec's view order) or with --view NAME=V, one of the two")
+    if args.view:
+        pairs = [v.partition("=") for v in args.view]
+        if bad := next((v for v, (n, eq, path) in zip(args.view, pairs) if not (n and eq and path)), None):
+            raise InputError(f"--view {bad}: expected NAME=VIDEO")
+        if len({n for n, _, _ in pairs}) != len(pairs):
+            raise InputError("--view: a view name is given twice")
+        sources = {n: path for n, _, path in pairs}
+    elif spec.answer == "labels" and spec.views:
+        if len(args.video) != len(spec.views):
+            raise InputError(f"spec {spec.name} takes {len(spec.views)} views ({', '.join(spec.views)}): "
+                             f"got {len(args.video)} --video")
+        sources = dict(zip(spec.views, args.video))
+    else:
+        sources = {path: path for path in args.video}
+    clips = {n: read_video(path, fps=_array_fps(path, args.fps)) for n, path in sources.items()}
+    judge = Judge.load(Path(args.artifact), spec, device=args.device, gpu_mem_gb=args.gpu_mem_gb, hf=args.hf)
+    if spec.answer == "labels":
+        decision = judge.check(fields.get("instruction"), clips, sample=args.sample)
+        print(json.dumps(decision.to_dict()) if args.json else
+              f"{decision.label}  ({', '.join(f'{k} {v:.4f}' for k, v in decision.scores.items())}; "
+              f"{decision.timings_ms['total']:.0f} ms)")
+        return 0
+    if len(clips) != 1:
+        raise InputError(f"spec {spec.name} judges one video per decision; got {len(clips)}")
+    (clip,) = clips.values()
+    for axis in args.axis or [None]:
+        answer = judge.ask(clip, sample=args.sample, **{**fields, **({"axis": axis} if axis else {})})
+        score = answer.parsed.score if answer.parsed.ok else f"unparseable ({answer.parsed.reason})"
+        expected = "" if answer.expected is None else f", expected {answer.expected:.2f}"
+        print(json.dumps(answer.to_dict(key=axis)) if args.json else
+              f"{axis + ': ' if axis else ''}{score}{expected}; raw {answer.text!r}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    try:
+        from edgejudge.evaluate import evaluate, summary_markdown, write_html
+    except ModuleNotFoundError as e:
+        raise InputError(f"edgejudge eval needs {e.name}: pip install 'edgejudge[eval]'") from None
+
+    evaluation = evaluate(Path(args.results), Path(args.labels))
+    report = write_html(evaluation, Path(args.out)) if args.out else None
+    if args.json:
+        print(json.dumps({**evaluation.to_json(), "report": str(report) if report else None}))
+    else:
+        print(summary_markdown(evaluation) + (f"\n\nreport: {report}" if report else ""))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from edgejudge.batch import run_command
+
+    return run_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgejudge", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -158,13 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="base model folder (HF checkpoint, safetensors)")
     p.add_argument("--adapter", help="PEFT LoRA adapter folder to merge")
     p.add_argument("--format", choices=["onnx", "bnb"], required=True,
-                   help="onnx: ONNX Runtime graphs (Qwen3-VL, fp32 so far); bnb: bitsandbytes safetensors")
+                   help="onnx: ONNX Runtime graphs (Qwen3-VL, Qwen2.5-VL); bnb: bitsandbytes safetensors (all families)")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4", "nf4"], required=True,
-                   help="onnx: fp32, int8 or int4 (decoder weights); bnb: nf4 or int8")
+                   help="onnx: fp32, fp16, or int8 / int4 decoder weights; bnb: nf4 or int8")
     p.add_argument("--out", required=True, help="artifact folder to write (must be empty or absent)")
-    p.add_argument("--device", default="cpu", help="bnb: where to merge and quantize, cpu or cuda")
+    p.add_argument("--device", default="cpu", help="where to merge (and trace / quantize), cpu or cuda")
     p.add_argument("--block-size", type=int, default=128, help="onnx int8/int4: weights per quantization block")
     p.add_argument("--asymmetric", action="store_true", help="onnx int8/int4: zero points (default symmetric)")
+    p.add_argument("--activations", choices=["fp16", "fp32"],
+                   help="onnx int8/int4: float type of the graphs (default fp16; fp32 for CPU-only targets)")
+    p.add_argument("--algorithm", choices=["rtn", "k_quant"], default="rtn", help="onnx int8/int4: ORT quantizer")
+    p.add_argument("--lm-head-bits", type=int, choices=[8], help="onnx int8/int4: an int8 LM head (default float)")
+    p.add_argument("--int8-last-layers", type=int, default=0, metavar="N",
+                   help="onnx int4: keep the linears of the last N decoder layers at 8 bits")
     p.add_argument("--spec", help="judge spec to record in the manifest")
     p.set_defaults(run=_cmd_export)
 
@@ -178,6 +268,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="where the torch models run: cpu or cuda")
     _add_video_options(p)
     p.set_defaults(run=_cmd_verify, sample=None)
+
+    p = verbs.add_parser("judge", help="one decision of a judge on an artifact: a label, or a parsed answer")
+    p.add_argument("artifact", help="ONNX artifact folder written by `edgejudge export`")
+    p.add_argument("--spec", help="judge spec (default: the one recorded in the artifact)")
+    p.add_argument("--video", action="append", help="a video of the decision; repeat in the spec's view order")
+    p.add_argument("--view", action="append", help="NAME=VIDEO: a named view of the decision; repeatable")
+    p.add_argument("--instruction", help="the instruction text, for specs that take one")
+    p.add_argument("--caption", help="the caption text, for specs that take one")
+    p.add_argument("--axis", action="append", help="the rubric axis, for specs that take one; repeat for several")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--gpu-mem-gb", type=float, help="cap on ONNX Runtime's CUDA memory")
+    p.add_argument("--json", action="store_true", help="print one JSON object per decision (per axis)")
+    p.add_argument("--print-prompt", action="store_true",
+                   help="print the prompt as the chat template renders it (before video expansion) and exit")
+    _add_video_options(p)
+    p.set_defaults(run=_cmd_judge, sample=None)
+
+    p = verbs.add_parser("eval", help="compare judge results with human labels: metrics and an HTML report")
+    p.add_argument("results", help="results JSONL (one object per job: id, ok, score or scores, optional digits)")
+    p.add_argument("--labels", required=True, help="human labels CSV: id,score (or id,axis,score for multi-axis judges)")
+    p.add_argument("--out", help="write a self-contained HTML report here")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object instead of the summary")
+    p.set_defaults(run=_cmd_eval)
+
+    p = verbs.add_parser("run", help="judge a file of jobs durably and resumably; keep the ones passing a filter")
+    p.add_argument("artifact", help="artifact folder written by `edgejudge export`")
+    p.add_argument("--spec", help="judge spec (default: the one recorded in the artifact)")
+    p.add_argument("--input", required=True, help="jobs: .jsonl, .csv or .parquet with id, video and the spec's fields")
+    p.add_argument("--out", required=True, help="results .jsonl, one line per finished job")
+    p.add_argument("--resume", action="store_true", help="continue the run that wrote --out, skipping finished jobs")
+    p.add_argument("--keep", help="also write the results passing a filter, e.g. 'score>=4', to <out minus .jsonl>.kept.jsonl")
+    p.add_argument("--batch", type=int, default=8, help="jobs per call of the judge (default 8)")
+    p.add_argument("--device", help="where the judge runs: cpu or cuda (default: the judge's own)")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="spread the jobs over Ray workers (a cluster ADDRESS, or none: local / $RAY_ADDRESS)")
+    p.add_argument("--num-gpus-per-worker", type=float, default=1, help="--ray: GPUs per judge worker (0: CPU)")
+    p.add_argument("--workers", type=int, help="--ray: judge workers (default: one per --num-gpus-per-worker GPUs)")
+    _add_video_options(p)
+    p.set_defaults(run=_cmd_run, sample=None)
 
     p = verbs.add_parser("fixtures", help="build tiny random reference models, LoRA adapters and a demo clip")
     p.add_argument("--out", required=True, help="folder to write <family>/ and <family>-lora/ into")

@@ -91,6 +91,9 @@ class JudgeSpec:
     labels: tuple[str, ...] = ()  # candidate answers, for answer == "labels"
     views: tuple[str, ...] = ()  # named camera views of one decision
     max_new_tokens: int = 64
+    # Integer-score judges: the answer text up to the score, with {field} slots. One forward on
+    # prompt + this prefix gives the probabilities of the digits 1-5 at the score position.
+    score_prefix: str = ""
     images: bool = False  # frames go in as images rather than as one video
     extra: dict = field(default_factory=dict)
 
@@ -123,6 +126,7 @@ SPECS: dict[str, JudgeSpec] = {
                 PromptSource("infer.py", ("SUB_QUESTIONS", "CRITERIA")),
             ),
             max_new_tokens=64,
+            score_prefix='{{"{axis}": ',
             extra={"max_pixels_hw": (360, 640)},
         ),
         JudgeSpec(
@@ -133,6 +137,7 @@ SPECS: dict[str, JudgeSpec] = {
             fields=("caption",),
             prompt_sources=(PromptSource("prompt.yaml", ("system_prompt", "user_prompt")),),
             max_new_tokens=4096,
+            score_prefix="<answer>",
         ),
         JudgeSpec(
             name="vrthinker-pairwise",

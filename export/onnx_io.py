@@ -54,6 +54,31 @@ def export_module(module: torch.nn.Module, args: tuple, out_path: Path, input_na
     return save_onnx(model, out_path, metadata)
 
 
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def group_attention(attn: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A Qwen vision block's attention (fused `qkv`, `proj`) over each group of `x` (G, S, hidden):
+    2D rotary on q and k in float32 (`cos`, `sin` (1, S, head_dim) float32), as HF's
+    `apply_rotary_pos_emb_vision`; scores, the additive `bias` (S, S) and softmax in float32, so an
+    fp16 graph keeps its softmax in fp32."""
+    g, s, hidden = x.shape
+    head_dim = hidden // num_heads
+    qkv = attn.qkv(x).reshape(g, s, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0].float(), qkv[1].float(), qkv[2]  # (G, heads, S, head_dim)
+    q = (q * cos + rotate_half(q) * sin).to(x.dtype)
+    k = (k * cos + rotate_half(k) * sin).to(x.dtype)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * head_dim**-0.5
+    if bias is not None:
+        scores = scores + bias
+    probs = torch.softmax(scores, dim=-1).to(x.dtype)
+    out = torch.matmul(probs, v).transpose(1, 2).reshape(g, s, hidden)
+    return attn.proj(out)
+
+
 def load_visual(model_dir: Path, family: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The vision tower of a `family` checkpoint, from safetensors, in eval mode."""
     from edgejudge.errors import InputError

@@ -38,12 +38,13 @@ from torch import nn
 from edgejudge.export import onnx_io
 
 INPUT_NAMES = ("patches", "window_mask", "cos", "sin")
+
+
+def deepstack_taps(config) -> int:
+    return 0
+
+
 OUTPUT_NAMES = ("features",)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _config_int(config, *names: str) -> int:
@@ -64,23 +65,7 @@ class VisionGroupEncoder(nn.Module):
         config = visual.config
         self.hidden = config.hidden_size
         self.num_heads = config.num_heads
-        self.head_dim = self.hidden // self.num_heads
-        self.scaling = self.head_dim**-0.5
         self.fullatt = {int(i) for i in config.fullatt_block_indexes}
-
-    def _attention(self, blk: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   mask: torch.Tensor | None) -> torch.Tensor:
-        g, s, _ = x.shape
-        qkv = blk.attn.qkv(x).reshape(g, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # (G, heads, S, head_dim)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scaling
-        if mask is not None:
-            scores = scores + mask
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        out = torch.matmul(probs, v).transpose(1, 2).reshape(g, s, self.hidden)
-        return blk.attn.proj(out)
 
     def forward(self, patches: torch.Tensor, window_mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         proj = self.visual.patch_embed.proj
@@ -91,7 +76,7 @@ class VisionGroupEncoder(nn.Module):
         cos, sin = cos[None], sin[None]  # (1, S, head_dim): broadcasts over (G, heads, S, head_dim)
         for layer, blk in enumerate(self.visual.blocks):
             mask = None if layer in self.fullatt else window_mask
-            x = x + self._attention(blk, blk.norm1(x), cos, sin, mask)
+            x = x + onnx_io.group_attention(blk.attn, blk.norm1(x), cos, sin, self.num_heads, mask)
             x = x + blk.mlp(blk.norm2(x))
         g = x.shape[0]
         y = self.visual.merger(x.reshape(-1, self.hidden))  # the merger views consecutive 4 rows as one
@@ -125,25 +110,22 @@ def example_inputs(visual: nn.Module, groups: int = 2, h: int = 4, w: int = 6):
     gen = torch.Generator().manual_seed(0)
     s = h * w
     dtype = visual.patch_embed.proj.weight.dtype
-    return (
+    inputs = (
         torch.randn(groups, s, patch_dim, generator=gen, dtype=dtype),
-        torch.zeros(s, s, dtype=dtype),
-        torch.randn(s, head_dim, generator=gen, dtype=dtype),
-        torch.randn(s, head_dim, generator=gen, dtype=dtype),
+        torch.zeros(s, s),  # the window bias and the rotary tables stay float32
+        torch.randn(s, head_dim, generator=gen),
+        torch.randn(s, head_dim, generator=gen),
     )
+    return tuple(t.to(visual.patch_embed.proj.weight.device) for t in inputs)
 
 
 def export_vision_onnx(model_dir: str | Path, out_path: str | Path, dtype: torch.dtype = torch.float32,
                        visual: nn.Module | None = None) -> Path:
-    """Write `out_path` (+ `.onnx.data` weights, + `.npz` runtime tables) for the model's vision tower.
-
-    Only fp32 is exported for now (fp16 needs the softmax and norms kept in fp32 inside the graph).
-    """
-    if dtype != torch.float32:
-        raise NotImplementedError("only fp32 vision export is implemented so far")
+    """Write `out_path` (+ `.onnx.data` weights, + `.npz` runtime tables) for the model's vision tower,
+    in `dtype` (fp32 or fp16; the rotary, the attention softmax and the RMSNorms (HF upcasts) compute
+    in fp32)."""
     out_path = Path(out_path)
-    if visual is None:
-        visual = load_visual(model_dir, dtype)
+    visual = load_visual(model_dir, dtype) if visual is None else visual.to(dtype)
     return onnx_io.export_vision(
         VisionGroupEncoder(visual), example_inputs(visual), out_path, INPUT_NAMES, OUTPUT_NAMES,
         dynamic_axes={"patches": {0: "groups", 1: "patches_per_group"},

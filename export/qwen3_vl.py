@@ -29,12 +29,14 @@ from torch import nn
 from edgejudge.export import onnx_io
 
 INPUT_NAMES = ("patches", "pos_embeds", "cos", "sin")
+
+
+def deepstack_taps(config) -> int:
+    """How many decoder layers get DeepStack features added (one per tapped vision layer)."""
+    return len(config.vision_config.deepstack_visual_indexes)
+
+
 OUTPUT_NAMES = ("features", "deepstack")
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class VisionGroupEncoder(nn.Module):
@@ -46,20 +48,7 @@ class VisionGroupEncoder(nn.Module):
         config = visual.config
         self.hidden = config.hidden_size
         self.num_heads = config.num_heads
-        self.head_dim = self.hidden // self.num_heads
-        self.scaling = self.head_dim**-0.5
         self.deepstack_indexes = list(config.deepstack_visual_indexes)
-
-    def _attention(self, blk: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        g, s, _ = x.shape
-        qkv = blk.attn.qkv(x).reshape(g, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # (G, heads, S, head_dim)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scaling
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        out = torch.matmul(probs, v).transpose(1, 2).reshape(g, s, self.hidden)
-        return blk.attn.proj(out)
 
     def _merge(self, merger: nn.Module, x: torch.Tensor) -> torch.Tensor:
         g = x.shape[0]
@@ -74,7 +63,7 @@ class VisionGroupEncoder(nn.Module):
         cos, sin = cos[None], sin[None]  # (1, S, head_dim): broadcasts over (G, heads, S, head_dim)
         deepstack = []
         for layer, blk in enumerate(self.visual.blocks):
-            x = x + self._attention(blk, blk.norm1(x), cos, sin)
+            x = x + onnx_io.group_attention(blk.attn, blk.norm1(x), cos, sin, self.num_heads)
             x = x + blk.mlp(blk.norm2(x))
             if layer in self.deepstack_indexes:
                 merger = self.visual.deepstack_merger_list[self.deepstack_indexes.index(layer)]
@@ -110,25 +99,21 @@ def example_inputs(visual: nn.Module, groups: int = 2, h: int = 4, w: int = 6):
     gen = torch.Generator().manual_seed(0)
     s = h * w
     dtype = visual.patch_embed.proj.weight.dtype
-    return (
+    inputs = (
         torch.randn(groups, s, patch_dim, generator=gen, dtype=dtype),
         torch.randn(s, hidden, generator=gen, dtype=dtype),
-        torch.randn(s, head_dim, generator=gen, dtype=dtype),
-        torch.randn(s, head_dim, generator=gen, dtype=dtype),
+        torch.randn(s, head_dim, generator=gen),  # the rotary tables stay float32
+        torch.randn(s, head_dim, generator=gen),
     )
+    return tuple(t.to(visual.patch_embed.proj.weight.device) for t in inputs)
 
 
 def export_vision_onnx(model_dir: str | Path, out_path: str | Path, dtype: torch.dtype = torch.float32,
                        visual: nn.Module | None = None) -> Path:
-    """Write `out_path` (+ `.onnx.data` weights, + `.npz` runtime tables) for the model's vision tower.
-
-    Only fp32 is exported for now (fp16 needs the softmax and norms kept in fp32 inside the graph).
-    """
-    if dtype != torch.float32:
-        raise NotImplementedError("only fp32 vision export is implemented so far")
+    """Write `out_path` (+ `.onnx.data` weights, + `.npz` runtime tables) for the model's vision tower,
+    in `dtype` (fp32 or fp16; the rotary, the attention softmax and the norms compute in fp32)."""
     out_path = Path(out_path)
-    if visual is None:
-        visual = load_visual(model_dir, dtype)
+    visual = load_visual(model_dir, dtype) if visual is None else visual.to(dtype)
     return onnx_io.export_vision(
         VisionGroupEncoder(visual), example_inputs(visual), out_path, INPUT_NAMES, OUTPUT_NAMES,
         dynamic_axes={"patches": {0: "groups", 1: "patches_per_group"},

@@ -11,43 +11,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from edgejudge.errors import InputError
 from edgejudge.manifest import verify_artifact
 from edgejudge.runtime import model as runtime_model
+from edgejudge.runtime.engine import label_positions, mean_nll
 from edgejudge.runtime.video import Clip
 from edgejudge.specs import JudgeSpec
-
-
-def _label_positions(arrays: dict, label_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """input_ids and (3, 1, S + L) positions of prompt + label: text after the prompt goes on at
-    index + rope delta on all three axes."""
-    from edgejudge.runtime.decoder import decode_position_ids
-
-    prompt_len = arrays["input_ids"].shape[1]
-    ids = np.concatenate([arrays["input_ids"], label_ids[None]], axis=1)
-    positions = np.concatenate(
-        [arrays["position_ids"], decode_position_ids(prompt_len, len(label_ids), arrays["rope_deltas"])], axis=2)
-    return ids, positions
-
-
-def _mean_nll(logits: np.ndarray, label_ids: np.ndarray) -> float:
-    """Mean NLL of `label_ids` given float logits at the positions that predict them."""
-    logits = logits.astype(np.float64)
-    logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
-    return float(-logp[np.arange(len(label_ids)), label_ids].mean())
 
 
 class OnnxScorer:
     """Label NLLs from an ONNX artifact, torch-free: vision encoder, decoder, LM head."""
 
-    def __init__(self, artifact: Path):
+    def __init__(self, artifact: Path, family: str):
         from edgejudge.runtime.decoder import TextDecoder
-        from edgejudge.runtime.vision import VisionEncoder
+        from edgejudge.runtime.vision import load_vision_encoder
 
-        self.vision = VisionEncoder(Path(artifact) / "vision.onnx")
+        self.vision = load_vision_encoder(Path(artifact) / "vision.onnx", family)
         self.decoder = TextDecoder(artifact)
 
     def __call__(self, model: runtime_model.Model, arrays: dict, labels: tuple[str, ...]) -> dict[str, float]:
@@ -56,10 +37,10 @@ class OnnxScorer:
         scores = {}
         for label in labels:
             label_ids = model.prompter.encode(label)
-            ids, positions = _label_positions(arrays, label_ids)
+            ids, positions = label_positions(arrays, label_ids)
             embeds, deepstack = self.decoder.multimodal_embeds(ids, model.video_token_id, features, taps)
             hidden = self.decoder.prefill(embeds, *self.decoder.cos_sin(positions), deepstack)
-            scores[label] = _mean_nll(self.decoder.logits(hidden[:, prompt_len - 1 : -1])[0], label_ids)
+            scores[label] = mean_nll(self.decoder.logits(hidden[:, prompt_len - 1 : -1])[0], label_ids)
         return scores
 
 
@@ -76,22 +57,26 @@ class TorchScorer:
         scores = {}
         for label in labels:
             label_ids = model.prompter.encode(label)
-            ids = torch.from_numpy(_label_positions(arrays, label_ids)[0]).to(device)
+            ids, positions = (torch.from_numpy(a).to(device) for a in label_positions(arrays, label_ids))
+            # our positions, not the ones this transformers release would compute: they are the
+            # training release's (docs/hf-divergences.md), and `arrays` were built for it
             logits = self.model(
-                input_ids=ids, attention_mask=torch.ones_like(ids),
+                input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=positions,
                 pixel_values_videos=torch.from_numpy(arrays["pixel_values_videos"]).to(device),
                 video_grid_thw=torch.from_numpy(arrays["video_grid_thw"]).to(device),
                 mm_token_type_ids=(ids == model.video_token_id).long() * 2,
             ).logits[0, prompt_len - 1 : -1]
-            scores[label] = _mean_nll(logits.float().cpu().numpy(), label_ids)
+            scores[label] = mean_nll(logits.float().cpu().numpy(), label_ids)
         return scores
 
 
-def reference_scorer(reference: Path, adapter: Path | None, device: str = "cpu") -> TorchScorer:
-    """The base in fp32 with the adapter unmerged: the judge exactly as trained."""
+def reference_scorer(reference: Path, adapter: Path | None, device: str = "cpu",
+                     dtype: torch.dtype = torch.float32) -> TorchScorer:
+    """The base with the adapter unmerged: the judge exactly as trained (fp32), or HF's own run of
+    it in a lower precision (what an fp16 artifact's error is measured against as a floor)."""
     from edgejudge.export.merge import check_adapter, load_base
 
-    model = load_base(reference, dtype=torch.float32, device=device)
+    model = load_base(reference, dtype=dtype, device=device)
     if adapter is not None:
         from peft import PeftModel
 
@@ -103,7 +88,7 @@ def reference_scorer(reference: Path, adapter: Path | None, device: str = "cpu")
 def artifact_scorer(artifact: Path, device: str = "cpu"):
     manifest = verify_artifact(artifact)
     if manifest.format == "onnx":
-        return OnnxScorer(artifact)
+        return OnnxScorer(artifact, manifest.family)
     from transformers import AutoModelForImageTextToText
 
     return TorchScorer(AutoModelForImageTextToText.from_pretrained(artifact, device_map=device))

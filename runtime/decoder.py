@@ -1,23 +1,38 @@
-"""Qwen3-VL's text decoder on ONNX Runtime with a KV cache (numpy + onnxruntime only).
+"""The text decoder of the Qwen-VL families on ONNX Runtime with a KV cache (numpy + onnxruntime only).
 
 The graphs come from `edgejudge.export.onnx_decoder`: `decoder.onnx` (layers + final norm, fused
-ORT ops, KV cache in/out), `lm_head.onnx` (logits only at the positions asked for), `embed.npy`
-(the token-embedding table, memory-mapped) and `decoder.npz` (rotary inverse frequencies, the
-mrope section, sizes).
+ORT ops, KV cache in/out), `lm_head.onnx` (logits only at the positions asked for),
+`cache_rows.onnx` (picks cache rows), `embed.npy` (the token-embedding table, memory-mapped) and
+`decoder.npz` (rotary inverse frequencies, the mrope section and layout, sizes). The graphs' float type (fp32 or fp16) is read from the session;
+inputs are cast to it, logits come back float32.
 
 Positions: the prompt's (3, B, S) M-RoPE position ids come from `edgejudge.runtime.model.build_inputs`;
 a token decoded at sequence index i sits at i + rope_delta on all three axes
 (`decode_position_ids`). `mrope_cos_sin` turns either into the (B, S, head_dim) cos/sin tables
-the graph takes, with HF 5.17's interleaved layout (`Qwen3VLTextRotaryEmbedding`): frequency j
-uses the height axis when j % 3 == 1 and j < 3 * section[1], the width axis when j % 3 == 2 and
-j < 3 * section[2], the time axis otherwise; the half table is repeated twice (rotate-half).
+the graph takes. Each rotary frequency j takes its angle from one of the three position axes
+(time, height, width), by the family's layout:
+- interleaved (Qwen3-VL, HF 5.x `Qwen3VLTextRotaryEmbedding`): height when j % 3 == 1 and
+  j < 3 * section[1], width when j % 3 == 2 and j < 3 * section[2], time otherwise;
+- contiguous (Qwen2.5-VL): the first section[0] frequencies time, the next section[1] height, the
+  last section[2] width.
+The half table is repeated twice (rotate-half).
 
-The KV cache is a list of numpy arrays (B, kv_heads, length, head_dim) per layer, on the CPU;
-IO binding / device-resident caches come later.
+The KV cache lives on the session's device (CUDA when the CUDA provider comes first, else the CPU;
+one code path) and never leaves it: every run goes through IO binding. `prefill` allocates, per
+layer, a key and a value buffer (B, kv_heads, capacity, head_dim) and binds each as both the past
+input and the present output of GroupQueryAttention: ORT then writes the new tokens in place
+(shared past/present buffer; `seqlens_k` = valid length - 1 tells it where the valid rows end), so
+decoding steps reuse the buffer allocated once per request. A run that would go past a full buffer
+lets ORT allocate exactly-sized presents on the device instead (its copy-the-past path), so
+`prefill` without a capacity still decodes, one reallocation per step. `repeat_cache` runs
+`cache_rows.onnx` (a Gather on axis 0) on the device. Forwards can leave their hidden states on
+the device (`on_device=True`); `logits` then reads just the rows it needs there, and only
+logits come back to the host.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -26,35 +41,48 @@ import numpy as np
 from edgejudge.errors import InputError
 
 DECODER_NAME, LM_HEAD_NAME, EMBED_NAME, SIDECAR_NAME = "decoder.onnx", "lm_head.onnx", "embed.npy", "decoder.npz"
+CACHE_ROWS_NAME = "cache_rows.onnx"
 
 
-def _rope_params(config: Mapping) -> tuple[np.ndarray, list[int], float]:
-    """(inv_freq float32, mrope_section, attention_scaling) from the exported sidecar (preferred:
-    HF's own inv_freq buffer) or from an HF config dict (config.json, or its text_config)."""
+def _rope_params(config: Mapping) -> tuple[np.ndarray, list[int], float, bool]:
+    """(inv_freq float32, mrope_section, attention_scaling, interleaved) from the exported sidecar
+    (preferred: HF's own inv_freq buffer) or from an HF config dict (config.json)."""
     if "inv_freq" in config:
         return (np.asarray(config["inv_freq"], np.float32), [int(s) for s in np.asarray(config["mrope_section"])],
-                float(config.get("attention_scaling", 1.0)))
+                float(config.get("attention_scaling", 1.0)), bool(config["mrope_interleaved"]))
+    from edgejudge.runtime.model import FAMILIES
+
+    if config.get("model_type") not in FAMILIES:
+        raise InputError(f"model_type {config.get('model_type')!r} is not one of {', '.join(FAMILIES)}")
     tc = config.get("text_config", config)
     rope = tc.get("rope_parameters") or tc.get("rope_scaling") or {}
-    if rope.get("rope_type", "default") != "default":
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "mrope"):
         raise InputError(f"rope_type {rope.get('rope_type')!r} is not supported")
     theta = float(rope.get("rope_theta", tc.get("rope_theta", 10000.0)))
     dim = int(tc.get("head_dim") or tc["hidden_size"] // tc["num_attention_heads"])
     inv_freq = (1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))).astype(np.float32)
-    return inv_freq, [int(s) for s in rope.get("mrope_section", [24, 20, 20])], 1.0
+    return (inv_freq, [int(s) for s in rope["mrope_section"]], 1.0,
+            FAMILIES[config["model_type"]].MROPE_INTERLEAVED)
 
 
-def mrope_cos_sin(position_ids: np.ndarray, config: Mapping) -> tuple[np.ndarray, np.ndarray]:
-    """(3, B, S) integer positions -> cos, sin, each (B, S, head_dim) float32 (Qwen3-VL interleaved M-RoPE)."""
-    inv_freq, section, scaling = _rope_params(config)
-    pos = np.asarray(position_ids)
-    if pos.ndim != 3 or pos.shape[0] != 3:
-        raise InputError(f"position_ids of shape {pos.shape}: expected (3, batch, seq)")
-    half = len(inv_freq)
+def frequency_axes(half: int, section: list[int], interleaved: bool) -> np.ndarray:
+    """Which position axis (0 time, 1 height, 2 width) drives each of the `half` rotary frequencies."""
     j = np.arange(half)
+    if not interleaved:
+        return np.searchsorted(np.cumsum(section), j, side="right").clip(max=2)
     axis = np.zeros(half, np.int64)
     axis[(j % 3 == 1) & (j < 3 * section[1])] = 1
     axis[(j % 3 == 2) & (j < 3 * section[2])] = 2
+    return axis
+
+
+def mrope_cos_sin(position_ids: np.ndarray, config: Mapping) -> tuple[np.ndarray, np.ndarray]:
+    """(3, B, S) integer positions -> cos, sin, each (B, S, head_dim) float32, in the family's M-RoPE layout."""
+    inv_freq, section, scaling, interleaved = _rope_params(config)
+    pos = np.asarray(position_ids)
+    if pos.ndim != 3 or pos.shape[0] != 3:
+        raise InputError(f"position_ids of shape {pos.shape}: expected (3, batch, seq)")
+    axis = frequency_axes(len(inv_freq), section, interleaved)
     # freqs[b, s, j] = pos[axis[j], b, s] * inv_freq[j], a float32 product as in HF's matmul over a 1-wide dim
     chosen = np.moveaxis(pos[axis], 0, -1).astype(np.float32)  # (B, S, half)
     freqs = chosen * inv_freq
@@ -78,18 +106,29 @@ def decode_position_ids(start: int, count: int, rope_deltas: np.ndarray, batch: 
     return np.broadcast_to(pos, (batch, count))[None].repeat(3, axis=0)
 
 
+@dataclass(frozen=True)
+class CacheSnapshot:
+    """The KV cache at one moment: its buffers (OrtValues) and how much of them is valid."""
+
+    past: list
+    length: int
+    batch: int
+
+
 class TextDecoder:
-    """ONNX Runtime sessions on the exported decoder and LM head, plus a numpy KV cache."""
+    """ONNX Runtime sessions on the exported decoder, LM head and cache-row graph, plus the KV cache
+    on the sessions' device."""
 
     def __init__(self, folder: str | Path, providers=("CPUExecutionProvider",), session_options=None):
         import onnxruntime as ort
 
         self.folder = Path(folder)
-        missing = [n for n in (DECODER_NAME, LM_HEAD_NAME, EMBED_NAME, SIDECAR_NAME) if not (self.folder / n).is_file()]
+        names = (DECODER_NAME, LM_HEAD_NAME, CACHE_ROWS_NAME, EMBED_NAME, SIDECAR_NAME)
+        missing = [n for n in names if not (self.folder / n).is_file()]
         if missing:
             raise InputError(f"{self.folder}: no exported decoder (missing {', '.join(missing)})")
         with np.load(self.folder / SIDECAR_NAME) as data:
-            self.rope = {k: data[k] for k in ("inv_freq", "mrope_section", "attention_scaling")}
+            self.rope = {k: data[k] for k in ("inv_freq", "mrope_section", "attention_scaling", "mrope_interleaved")}
             self.hidden_size = int(data["hidden_size"])
             self.head_dim = int(data["head_dim"])
             self.num_layers = int(data["num_layers"])
@@ -98,52 +137,112 @@ class TextDecoder:
             self.vocab_size = int(data["vocab_size"])
         self.embed_table = np.load(self.folder / EMBED_NAME, mmap_mode="r")
         providers = list(providers)
-        self.session = ort.InferenceSession(str(self.folder / DECODER_NAME), sess_options=session_options,
-                                            providers=providers)
-        self.head = ort.InferenceSession(str(self.folder / LM_HEAD_NAME), sess_options=session_options,
-                                         providers=providers)
-        self.past: list[tuple[np.ndarray, np.ndarray]] = []
+        self.session, self.head, self.cache_rows = (
+            ort.InferenceSession(str(self.folder / name), sess_options=session_options, providers=providers)
+            for name in (DECODER_NAME, LM_HEAD_NAME, CACHE_ROWS_NAME))
+        # where the cache and hidden states live: the device of the provider ORT actually runs first
+        if self.session.get_providers()[0] == "CUDAExecutionProvider":
+            self.device = "cuda"
+            self.device_id = int(self.session.get_provider_options()["CUDAExecutionProvider"]["device_id"])
+        else:
+            self.device, self.device_id = "cpu", 0
+        self.dtype = np.float16 if self.session.get_inputs()[0].type == "tensor(float16)" else np.float32
+        self.head_dtype = np.float16 if self.head.get_inputs()[0].type == "tensor(float16)" else np.float32
+        self.past: list[tuple[ort.OrtValue, ort.OrtValue]] = []
         self.past_length = 0
         self.batch = 0
 
     # -- inputs ---------------------------------------------------------------------------------
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
-        """(B, S) token ids -> (B, S, hidden) float32."""
+        """(B, S) token ids -> (B, S, hidden) in the decoder's float type."""
         ids = np.asarray(input_ids, np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise InputError(f"token ids outside the vocabulary of {self.vocab_size}")
-        return np.asarray(self.embed_table[ids], np.float32)
+        return np.asarray(self.embed_table[ids], self.dtype)
 
     def cos_sin(self, position_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return mrope_cos_sin(position_ids, self.rope)
 
     def multimodal_embeds(self, input_ids: np.ndarray, video_token_id: int, features: np.ndarray,
-                          deepstack: list[np.ndarray] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                          deepstack: list[np.ndarray] | np.ndarray = ()) -> tuple[np.ndarray, np.ndarray | None]:
         """Token embeddings with the visual features written at the video-token positions (HF's
         masked_scatter, row-major over the batch) and the (n_taps, B, S, hidden) DeepStack input
-        (the taps at the same positions, zeros elsewhere)."""
+        (the taps at the same positions, zeros elsewhere; None for a family without DeepStack)."""
         ids = np.asarray(input_ids, np.int64)
         embeds = self.embed(ids)
         mask = ids == video_token_id
         if int(mask.sum()) != len(features):
             raise InputError(f"{int(mask.sum())} video tokens but {len(features)} visual features")
         embeds[mask] = features
-        taps = np.zeros((self.num_deepstack, *ids.shape, self.hidden_size), np.float32)
         if len(deepstack) != self.num_deepstack:
             raise InputError(f"{len(deepstack)} DeepStack taps, the decoder takes {self.num_deepstack}")
+        if not self.num_deepstack:
+            return embeds, None
+        taps = np.zeros((self.num_deepstack, *ids.shape, self.hidden_size), self.dtype)
         for i, tap in enumerate(deepstack):
             taps[i][mask] = tap
         return embeds, taps
 
-    # -- running --------------------------------------------------------------------------------
-    def reset(self, batch: int = 1) -> None:
-        empty = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), np.float32)
-        self.past = [(empty, empty) for _ in range(self.num_layers)]
+    # -- the cache ------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        """Tokens the cache buffers hold (valid or not)."""
+        return self.past[0][0].shape()[2] if self.past else 0
+
+    def cache_shape(self) -> tuple[int, int, int, int]:
+        """(B, kv_heads, valid length, head_dim) of each layer's key and value cache."""
+        return self.batch, self.num_kv_heads, self.past_length, self.head_dim
+
+    def kv_cache_bytes(self, rows: int, tokens: int) -> int:
+        """Bytes of a cache of `rows` sequences of `tokens` tokens (keys and values of every layer)."""
+        return self.num_layers * 2 * rows * self.num_kv_heads * tokens * self.head_dim * np.dtype(self.dtype).itemsize
+
+    def reset(self, batch: int = 1, capacity: int = 0) -> None:
+        """An empty cache of `batch` rows with room for `capacity` tokens each, on the device."""
+        import onnxruntime as ort
+
+        shape = [batch, self.num_kv_heads, capacity, self.head_dim]
+
+        def buffer():
+            return ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device, self.device_id)
+
+        self.past = [(buffer(), buffer()) for _ in range(self.num_layers)]
         self.past_length = 0
         self.batch = batch
 
-    def _run(self, inputs_embeds, cos, sin, deepstack) -> np.ndarray:
-        embeds = np.ascontiguousarray(inputs_embeds, np.float32)
+    def snapshot(self) -> CacheSnapshot:
+        """The cache as it is now, by reference (no copy), for `restore`."""
+        return CacheSnapshot(list(self.past), self.past_length, self.batch)
+
+    def restore(self, snapshot: CacheSnapshot) -> None:
+        """Put a snapshot's cache back. Nothing ever overwrites the rows a snapshot covers: steps
+        write only at or past the current length (in place, or into new buffers when full),
+        repeat_cache and prefill write new buffers. So restoring truncates the cache to the
+        snapshot's length; what later steps wrote past it is ignored (seqlens_k) and overwritten
+        by the next step."""
+        self.past, self.past_length, self.batch = list(snapshot.past), snapshot.length, snapshot.batch
+
+    def repeat_cache(self, repeats: int) -> None:
+        """Repeat every cached row `repeats` times (row r -> rows r*repeats .. r*repeats+repeats-1),
+        so several continuations of one prefilled prompt run as one batch. On the device: new
+        buffers of the same capacity, written by cache_rows.onnx."""
+        if not self.past:
+            raise InputError("repeat_cache() before prefill()")
+        binding = self.cache_rows.io_binding()
+        binding.bind_cpu_input("rows", np.repeat(np.arange(self.batch, dtype=np.int64), repeats))
+        for i, (key, value) in enumerate(self.past):
+            for kind, buffer in (("key", key), ("value", value)):
+                binding.bind_ortvalue_input(f"{kind}_{i}", buffer)
+                binding.bind_output(f"{kind}_{i}_rows", self.device, self.device_id)
+        self.cache_rows.run_with_iobinding(binding)
+        out = binding.get_outputs()
+        self.past = [(out[2 * i], out[2 * i + 1]) for i in range(self.num_layers)]
+        self.batch *= repeats
+
+    # -- running --------------------------------------------------------------------------------
+    def _run(self, inputs_embeds, cos, sin, deepstack):
+        """One decoder run through IO binding: the hidden states as an OrtValue on the device."""
+        embeds = np.ascontiguousarray(inputs_embeds, self.dtype)
         b, s, hidden = embeds.shape
         if hidden != self.hidden_size:
             raise InputError(f"inputs_embeds of hidden size {hidden}, the decoder takes {self.hidden_size}")
@@ -152,60 +251,119 @@ class TextDecoder:
         for name, table in (("cos", cos), ("sin", sin)):
             if np.shape(table) != (b, s, self.head_dim):
                 raise InputError(f"{name} of shape {np.shape(table)}, expected {(b, s, self.head_dim)}")
-        if deepstack is None:
-            deepstack = np.zeros((self.num_deepstack, b, s, hidden), np.float32)
-        elif np.shape(deepstack) != (self.num_deepstack, b, s, hidden):
-            raise InputError(f"deepstack of shape {np.shape(deepstack)}, expected {(self.num_deepstack, b, s, hidden)}")
         total = self.past_length + s
-        feed = {
-            "inputs_embeds": embeds,
-            "cos": np.ascontiguousarray(cos, np.float32),
-            "sin": np.ascontiguousarray(sin, np.float32),
-            "deepstack": np.ascontiguousarray(deepstack, np.float32),
-            "seqlens_k": np.full((b,), total - 1, np.int32),  # no padding: every row is `total` long
-            "total_sequence_length": np.asarray(total, np.int32),
-        }
+        in_place = total <= self.capacity
+        if not in_place and self.past_length < self.capacity:
+            raise InputError(f"{s} tokens after {self.past_length} do not fit the KV cache of {self.capacity}: "
+                             f"prefill with capacity >= {total}")
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("inputs_embeds", embeds)
+        binding.bind_cpu_input("cos", np.ascontiguousarray(cos, self.dtype))
+        binding.bind_cpu_input("sin", np.ascontiguousarray(sin, self.dtype))
+        if self.num_deepstack:
+            if deepstack is None:
+                deepstack = np.zeros((self.num_deepstack, b, s, hidden), self.dtype)
+            elif np.shape(deepstack) != (self.num_deepstack, b, s, hidden):
+                raise InputError(f"deepstack of shape {np.shape(deepstack)}, expected "
+                                 f"{(self.num_deepstack, b, s, hidden)}")
+            binding.bind_cpu_input("deepstack", np.ascontiguousarray(deepstack, self.dtype))
+        elif deepstack is not None:
+            raise InputError("this decoder takes no DeepStack input")
+        binding.bind_cpu_input("seqlens_k", np.full((b,), total - 1, np.int32))  # no padding: every row is `total` long
+        binding.bind_cpu_input("total_sequence_length", np.asarray(total, np.int32))
+        binding.bind_output("hidden", self.device, self.device_id)
         for i, (key, value) in enumerate(self.past):
-            feed[f"past_key_{i}"], feed[f"past_value_{i}"] = key, value
-        outputs = self.session.run(None, feed)
-        hidden_out = outputs[0]
-        self.past = [(outputs[1 + 2 * i], outputs[2 + 2 * i]) for i in range(self.num_layers)]
+            for kind, buffer in (("key", key), ("value", value)):
+                binding.bind_ortvalue_input(f"past_{kind}_{i}", buffer)
+                if in_place:  # past and present are one buffer: GQA appends the new tokens in place
+                    binding.bind_ortvalue_output(f"present_{kind}_{i}", buffer)
+                else:  # a full buffer: ORT allocates presents of exactly `total` tokens on the device
+                    binding.bind_output(f"present_{kind}_{i}", self.device, self.device_id)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        if not in_place:
+            self.past = [(outputs[1 + 2 * i], outputs[2 + 2 * i]) for i in range(self.num_layers)]
         self.past_length = total
-        return hidden_out
+        return outputs[0]
 
     def prefill(self, inputs_embeds: np.ndarray, cos: np.ndarray, sin: np.ndarray,
-                deepstack: np.ndarray | None = None) -> np.ndarray:
-        """Run the prompt from an empty cache: (B, S, hidden) final-norm hidden states."""
-        self.reset(int(np.shape(inputs_embeds)[0]))
-        return self._run(inputs_embeds, cos, sin, deepstack)
+                deepstack: np.ndarray | None = None, capacity: int | None = None, on_device: bool = False):
+        """Run the prompt from an empty cache with room for `capacity` tokens (default: the prompt;
+        give prompt + tokens to come so the steps write in place): the (B, S, hidden) final-norm
+        hidden states, as numpy or, with `on_device`, as the OrtValue on the device (for `logits`)."""
+        b, s = np.shape(inputs_embeds)[:2]
+        self.reset(b, max(s, capacity or 0))
+        hidden = self._run(inputs_embeds, cos, sin, deepstack)
+        return hidden if on_device else hidden.numpy()
 
     def step(self, inputs_embeds: np.ndarray, cos: np.ndarray, sin: np.ndarray,
-             deepstack: np.ndarray | None = None) -> np.ndarray:
-        """Extend the cached sequence by S >= 1 tokens (no DeepStack unless given): (B, S, hidden)."""
+             deepstack: np.ndarray | None = None, on_device: bool = False):
+        """Extend the cached sequence by S >= 1 tokens (no DeepStack unless given): (B, S, hidden),
+        numpy or (`on_device`) an OrtValue on the device."""
         if not self.past:
             raise InputError("step() before prefill()")
-        return self._run(inputs_embeds, cos, sin, deepstack)
+        hidden = self._run(inputs_embeds, cos, sin, deepstack)
+        return hidden if on_device else hidden.numpy()
 
-    def logits(self, hidden_at_positions: np.ndarray) -> np.ndarray:
-        """(B, K, hidden) hidden states -> (B, K, vocab) float32 logits."""
-        hidden = np.ascontiguousarray(hidden_at_positions, np.float32)
-        if hidden.ndim == 2:
-            hidden = hidden[:, None]
-        return self.head.run(None, {"hidden": hidden})[0]
+    def logits(self, hidden, positions: slice | None = None) -> np.ndarray:
+        """(B, K, hidden) hidden states -> (B, K, vocab) float32 logits; `positions` selects the K
+        sequence positions (a slice, default all). `hidden` is numpy or a forward's OrtValue; an
+        OrtValue stays on the device: the head reads each row's stretch of positions in place
+        (one head run per row unless all positions are asked for) and only logits come back."""
+        if isinstance(hidden, np.ndarray):
+            if hidden.ndim == 2:
+                hidden = hidden[:, None]
+            rows = np.ascontiguousarray(hidden[:, positions or slice(None)], self.head_dtype)
+            return self.head.run(None, {"hidden": rows})[0]
+        batch, length, width = hidden.shape()
+        start, stop, stride = (positions or slice(None)).indices(length)
+        if stride != 1 or stop <= start:
+            raise InputError(f"positions {positions} must be a non-empty stretch of the {length} positions")
+        count = stop - start
+        # all positions: the whole tensor in one run; else one run per row on its stretch
+        runs = [(0, batch)] if count == length else [(row, 1) for row in range(batch)]
+        itemsize = np.dtype(self.dtype).itemsize
+        logits = []
+        for row, rows in runs:
+            binding = self.head.io_binding()
+            binding.bind_input("hidden", self.device, self.device_id, self.dtype, [rows, count, width],
+                               hidden.data_ptr() + (row * length + start) * width * itemsize)
+            binding.bind_output("logits", "cpu")
+            self.head.run_with_iobinding(binding)
+            logits.append(binding.get_outputs()[0].numpy())
+        return np.concatenate(logits)
 
     def greedy(self, first_logits: np.ndarray, start: int, rope_deltas: np.ndarray, max_new_tokens: int,
-               eos_token_ids=(), return_logits: bool = False):
+               eos_token_ids=(), return_logits: bool = False, repetition_penalty: float = 1.0,
+               context_ids: np.ndarray | None = None):
         """Greedy decoding of one sequence after prefill: `first_logits` (vocab,) at the prompt's
         last position, `start` the prompt length. Stops after an EOS token (included).
-        Returns the tokens, and with `return_logits` also each step's (vocab,) logits."""
+
+        `repetition_penalty` (generation_config.json's; HF applies it under greedy too) divides
+        positive / multiplies negative logits of every token already in the sequence: the
+        `context_ids` (the prompt) and the tokens generated so far.
+        Returns the tokens, and with `return_logits` also each step's raw (vocab,) logits."""
         eos = {int(t) for t in np.atleast_1d(eos_token_ids)} if eos_token_ids is not None else set()
+        seen = np.zeros(self.vocab_size, bool)
+        if context_ids is not None:
+            seen[np.asarray(context_ids, np.int64).ravel()] = True
+
+        def pick(logits: np.ndarray) -> int:
+            if repetition_penalty != 1.0:
+                logits = logits.copy()
+                hit = logits[seen]
+                logits[seen] = np.where(hit < 0, hit * np.float32(repetition_penalty), hit / np.float32(repetition_penalty))
+            token = int(np.argmax(logits))
+            seen[token] = True
+            return token
+
         steps = [np.asarray(first_logits, np.float32)]
-        tokens = [int(np.argmax(steps[0]))]
+        tokens = [pick(steps[0])]
         for index in range(start, start + max_new_tokens - 1):
             if tokens[-1] in eos:
                 break
             cos, sin = self.cos_sin(decode_position_ids(index, 1, rope_deltas))
-            hidden = self.step(self.embed(np.array([[tokens[-1]]])), cos, sin)
-            steps.append(self.logits(hidden[:, -1:])[0, -1])
-            tokens.append(int(np.argmax(steps[-1])))
+            hidden = self.step(self.embed(np.array([[tokens[-1]]])), cos, sin, on_device=True)
+            steps.append(self.logits(hidden)[0, -1])
+            tokens.append(pick(steps[-1]))
         return (tokens, steps) if return_logits else tokens

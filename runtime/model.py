@@ -106,26 +106,19 @@ def render_prompt(model: Model, num_videos: int, text: str, system: str | None =
     return model.prompter.render(user_turn(num_videos, text, system), add_generation_prompt=True)
 
 
-def build_inputs(model: Model, clips: list[Clip], text: str, system: str | None = None) -> dict[str, np.ndarray]:
-    """One user turn: the videos, then the text, then the assistant header.
-
-    Returns input_ids, attention_mask, pixel_values_videos, video_grid_thw, position_ids (3, 1, S),
-    rope_deltas, and the family's per-video extras (Qwen2.5-VL: second_per_grid_ts).
-    """
+def prompt_inputs(model: Model, clips: list[Clip], text: str, system: str | None = None) -> dict[str, np.ndarray]:
+    """The text side of `build_inputs` (everything but `pixel_values_videos`), for callers that
+    preprocess the frames themselves (the engine's vision cache preprocesses only new groups).
+    Each video's target size is its grid times the patch size."""
     family, vision = model.family, model.vision
     prompt = render_prompt(model, len(clips), text, system)
     pieces = prompt.split(family.video_placeholder(model.hf))
     if len(pieces) != len(clips) + 1:
         raise InputError(f"the chat template produced {len(pieces) - 1} video placeholders for {len(clips)} videos")
-    # Sizes first, so every video's patches land in one preallocated array (no concatenate copy).
     sizes = [family.target_size(len(c.frames), c.frames.shape[1], c.frames.shape[2], vision, model.hf) for c in clips]
     grids = [vision.grid(len(c.frames), h, w) for c, (h, w) in zip(clips, sizes)]
-    pixels = np.empty((sum(int(np.prod(g)) for g in grids), vision.patch_dim), np.float32)
-    extras, text, row = [], [pieces[0]], 0
-    for clip, size, grid, after in zip(clips, sizes, grids, pieces[1:]):
-        rows = int(np.prod(grid))
-        preprocess_video(clip.frames, size, vision, out=pixels[row : row + rows])
-        row += rows
+    extras, text = [], [pieces[0]]
+    for clip, grid, after in zip(clips, grids, pieces[1:]):
         text += [family.video_text(clip.indices, clip.fps, grid, vision), after]
         extras.append(family.video_extras(clip, vision, model.hf))
     prompt = "".join(text)
@@ -136,7 +129,6 @@ def build_inputs(model: Model, clips: list[Clip], text: str, system: str | None 
     arrays = {
         "input_ids": ids[None, :],
         "attention_mask": np.ones((1, len(ids)), dtype=np.int64),
-        "pixel_values_videos": pixels,
         "video_grid_thw": np.asarray(grids, dtype=np.int64).reshape(-1, 3),
         "position_ids": positions,
         "rope_deltas": np.asarray([[delta]], dtype=np.int64),
@@ -144,3 +136,22 @@ def build_inputs(model: Model, clips: list[Clip], text: str, system: str | None 
     for key in extras[0] if extras else ():
         arrays[key] = np.asarray([e[key] for e in extras], dtype=np.float32)
     return arrays
+
+
+def build_inputs(model: Model, clips: list[Clip], text: str, system: str | None = None) -> dict[str, np.ndarray]:
+    """One user turn: the videos, then the text, then the assistant header.
+
+    Returns input_ids, attention_mask, pixel_values_videos, video_grid_thw, position_ids (3, 1, S),
+    rope_deltas, and the family's per-video extras (Qwen2.5-VL: second_per_grid_ts).
+    """
+    arrays = prompt_inputs(model, clips, text, system)
+    grids = arrays["video_grid_thw"]
+    # Every video's patches land in one preallocated array (no concatenate copy).
+    pixels = np.empty((int(np.prod(grids, axis=1).sum()), model.vision.patch_dim), np.float32)
+    row, patch = 0, model.vision.patch_size
+    for clip, (t, h, w) in zip(clips, grids.tolist()):
+        preprocess_video(clip.frames, (h * patch, w * patch), model.vision, out=pixels[row : row + t * h * w])
+        row += t * h * w
+    names = ("input_ids", "attention_mask")
+    return {**{k: arrays[k] for k in names}, "pixel_values_videos": pixels,
+            **{k: v for k, v in arrays.items() if k not in names}}

@@ -16,6 +16,7 @@ from edgejudge.runtime.preprocess import VisionPreprocessing, smart_resize
 from edgejudge.runtime.video import Clip
 
 HF_DEFAULT = "4.57"  # the release line the Qwen2.5-VL judges were trained with
+MROPE_INTERLEAVED = False  # text rotary frequencies in contiguous t, h, w sections
 MIN_FRAMES, MAX_FRAMES = 4, 768  # HF's sample_frames bounds
 VIDEO_PAD = "<|video_pad|>"
 

@@ -6,6 +6,7 @@ is the release line its judges were trained with (the first 5.x releases that kn
 """
 
 from edgejudge.runtime.qwen3_vl import (
+    MROPE_INTERLEAVED,
     fps_indices,
     position_ids,
     target_size,
@@ -17,5 +18,5 @@ from edgejudge.runtime.qwen3_vl import (
 HF_DEFAULT = "5.2"
 
 __all__ = [
-    "HF_DEFAULT", "fps_indices", "position_ids", "target_size", "video_extras", "video_placeholder", "video_text",
+    "HF_DEFAULT", "MROPE_INTERLEAVED", "fps_indices", "position_ids", "target_size", "video_extras", "video_placeholder", "video_text",
 ]

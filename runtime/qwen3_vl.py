@@ -18,6 +18,7 @@ from edgejudge.runtime.preprocess import VisionPreprocessing, smart_resize
 from edgejudge.runtime.video import Clip
 
 HF_DEFAULT = "4.57"  # the release line the Qwen3-VL judges were trained with
+MROPE_INTERLEAVED = True  # text rotary frequencies cycle t, h, w (HF applies it whatever the config says)
 MIN_FRAMES, MAX_FRAMES, DEFAULT_FPS = 4, 768, 24.0  # HF's sample_frames bounds; fps assumed when unknown
 VIDEO_PAD, VISION_START, VISION_END = "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"
 

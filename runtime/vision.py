@@ -84,6 +84,10 @@ def rotary_tables(inv_freq: np.ndarray, h: int, w: int, merge: int) -> tuple[np.
     return layout(cos), layout(sin)
 
 
+def _numpy_type(onnx_type: str) -> type:
+    return np.float16 if onnx_type == "tensor(float16)" else np.float32
+
+
 class GroupedVisionGraph:
     """An exported vision graph run one 2-frame group per batch row (every vision attention layer
     stays inside a group, so this is exact and groups can be cached): the shared runner of the
@@ -106,6 +110,10 @@ class GroupedVisionGraph:
         self.session = ort.InferenceSession(str(self.path), providers=list(providers))
         self.outputs = [(o.name, o.shape.index("groups"), o.shape[: o.shape.index("groups")])
                         for o in self.session.get_outputs()]
+        # fp16 graphs take fp16 patches and position embeddings (HF casts to the weights' dtype)
+        # but float32 rotary tables and window bias: each input is cast to the graph's own type
+        self.input_types = {i.name: _numpy_type(i.type) for i in self.session.get_inputs()}
+        self.output_type = _numpy_type(self.session.get_outputs()[0].type)
         self.inv_freq = self.tables["inv_freq"].astype(np.float32)
         self.merge = int(self.tables["spatial_merge_size"])
         self.patch_dim = int(self.tables["patch_dim"])
@@ -122,11 +130,12 @@ class GroupedVisionGraph:
         if key not in self._grid_cache:
             if h <= 0 or w <= 0 or h % self.merge or w % self.merge:
                 raise InputError(f"grid {h}x{w} is not a positive multiple of the merge size {self.merge}")
-            self._grid_cache[key] = self._grid_tables(*key)
+            self._grid_cache[key] = {name: np.ascontiguousarray(table, self.input_types[name])
+                                     for name, table in self._grid_tables(*key).items()}
         return tuple(self._grid_cache[key].values())
 
-    def _run_groups(self, patches: np.ndarray, h: int, w: int) -> list[np.ndarray]:
-        patches = np.ascontiguousarray(patches, dtype=np.float32)
+    def run_groups(self, patches: np.ndarray, h: int, w: int) -> list[np.ndarray]:
+        patches = np.ascontiguousarray(patches, dtype=self.input_types["patches"])
         if patches.ndim != 3 or patches.shape[1] != h * w or patches.shape[2] != self.patch_dim:
             raise InputError(f"patches of shape {patches.shape} do not fit a {h}x{w} grid of {self.patch_dim}-value patches")
         self.grid_inputs(h, w)
@@ -144,12 +153,12 @@ class GroupedVisionGraph:
         if pixels.ndim != 2 or pixels.shape != (total, self.patch_dim):
             raise InputError(f"pixel_values_videos of shape {pixels.shape} does not match video_grid_thw "
                              f"({total} patches of {self.patch_dim} values)")
-        per_output: list[list[np.ndarray]] = [[np.zeros((*lead, 0, self.out_hidden), np.float32)]
+        per_output: list[list[np.ndarray]] = [[np.zeros((*lead, 0, self.out_hidden), self.output_type)]
                                               for _, _, lead in self.outputs]
         start = 0
         for t, h, w in grids.tolist():
             n = t * h * w
-            for parts, out, (_, axis, _) in zip(per_output, self._run_groups(
+            for parts, out, (_, axis, _) in zip(per_output, self.run_groups(
                     pixels[start:start + n].reshape(t, h * w, self.patch_dim), h, w), self.outputs):
                 parts.append(out.reshape(*out.shape[:axis], -1, self.out_hidden))
             start += n
@@ -172,7 +181,7 @@ class VisionEncoder(GroupedVisionGraph):
 
     def encode_groups(self, patches: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
         """Run (G, h*w, patch_dim) groups of one grid: features (G, h*w/4, out), deepstack (D, G, h*w/4, out)."""
-        features, deepstack = self._run_groups(patches, h, w)
+        features, deepstack = self.run_groups(patches, h, w)
         return features, deepstack
 
     def encode(self, pixel_values_videos: np.ndarray, video_grid_thw: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -180,3 +189,15 @@ class VisionEncoder(GroupedVisionGraph):
         returns as pooler_output and deepstack_features."""
         features, deepstack = self._encode(pixel_values_videos, video_grid_thw)
         return features, list(deepstack)
+
+
+def load_vision_encoder(onnx_path: str | Path, family: str, providers=("CPUExecutionProvider",),
+                        max_groups: int | None = None) -> GroupedVisionGraph:
+    """The vision runner of a model family. Both families' `encode` return (features, taps),
+    taps empty without DeepStack."""
+    from edgejudge.runtime import vision_qwen2_5
+
+    runners = {"qwen3_vl": VisionEncoder, "qwen2_5_vl": vision_qwen2_5.VisionEncoder}
+    if family not in runners:
+        raise InputError(f"no ONNX vision runner for the {family} family")
+    return runners[family](onnx_path, providers, max_groups)

@@ -96,8 +96,9 @@ class VisionEncoder(GroupedVisionGraph):
 
     def encode_groups(self, patches: np.ndarray, h: int, w: int) -> np.ndarray:
         """Run (G, h*w, patch_dim) groups of one grid: features (G, h*w/4, out)."""
-        return self._run_groups(patches, h, w)[0]
+        return self.run_groups(patches, h, w)[0]
 
-    def encode(self, pixel_values_videos: np.ndarray, video_grid_thw: np.ndarray) -> np.ndarray:
-        """Features (N/4, out): what `model.model.visual(...)` returns as pooler_output."""
-        return self._encode(pixel_values_videos, video_grid_thw)[0]
+    def encode(self, pixel_values_videos: np.ndarray, video_grid_thw: np.ndarray) -> tuple[np.ndarray, list]:
+        """(features (N/4, out), []): what `model.model.visual(...)` returns as pooler_output, and
+        no DeepStack taps (the same shape of answer as Qwen3-VL's encoder)."""
+        return self._encode(pixel_values_videos, video_grid_thw)[0], []

@@ -1,7 +1,9 @@
-"""Qwen3-VL's text decoder as ONNX (fused ORT ops, KV cache, 3D M-RoPE, DeepStack) on the tiny
-model, fp32 on the CPU, against HF: the prompt's last logits vs the full forward, and 16 greedy
-tokens vs `generate`. The ONNX side is torch-free end to end: `build_inputs` -> the ONNX vision
-encoder -> embed.npy lookup + scatter -> decoder.onnx -> lm_head.onnx."""
+"""The text decoder as ONNX (fused ORT ops, KV cache, 3D M-RoPE, Qwen3-VL's DeepStack) on the tiny
+models of both Qwen-VL families, fp32 on the CPU, against HF: the prompt's last logits vs the full
+forward, and 16 greedy tokens vs `generate`. The ONNX side is torch-free end to end:
+`build_inputs` -> the ONNX vision encoder -> embed.npy lookup + scatter -> decoder.onnx ->
+lm_head.onnx. The KV cache stays in OrtValues (IO binding, written in place when the prefill gave
+room): repeat_cache (cache_rows.onnx) and snapshot/restore are checked against full forwards."""
 
 from __future__ import annotations
 
@@ -13,33 +15,36 @@ import onnx
 import pytest
 import torch
 
+from edgejudge.errors import InputError
 from edgejudge.export.fixtures import tiny_model_dir
-from edgejudge.export.onnx_decoder import export_decoder_onnx, load_model
+from edgejudge.export.merge import load_base
+from edgejudge.export.onnx import FAMILIES
+from edgejudge.export.onnx_decoder import export_decoder_onnx
 from edgejudge.export.onnx_io import IR_VERSION, OPSET
-from edgejudge.export.qwen3_vl import export_vision_onnx
 from edgejudge.runtime import model as runtime_model
 from edgejudge.runtime.decoder import TextDecoder, decode_position_ids, mrope_cos_sin
 from edgejudge.runtime.video import read_video
-from edgejudge.runtime.vision import VisionEncoder
+from edgejudge.runtime.vision import load_vision_encoder
 
 TOL = 1e-4
 TEXT = "Instruction: Place the red block in the box.\nIs it complete?"
 NEW_TOKENS = 16
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    model_dir = tiny_model_dir("qwen3_vl")
-    return model_dir, load_model(model_dir)
+@pytest.fixture(scope="module", params=["qwen3_vl", "qwen2_5_vl"])
+def tiny(request):
+    model_dir = tiny_model_dir(request.param)
+    return model_dir, load_base(model_dir, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
 def exported(tiny, tmp_path_factory):
     model_dir, model = tiny
-    out = tmp_path_factory.mktemp("decoder")
-    export_decoder_onnx(model_dir, out, model=model)
-    vision = export_vision_onnx(model_dir, out / "vision.onnx", visual=model.model.visual)
-    return out, TextDecoder(out), VisionEncoder(vision)
+    family = model.config.model_type
+    out = tmp_path_factory.mktemp(f"decoder-{family}")
+    export_decoder_onnx(model, out, FAMILIES[family])
+    vision = FAMILIES[family].export_vision_onnx(model_dir, out / "vision.onnx", visual=model.model.visual)
+    return out, TextDecoder(out), load_vision_encoder(vision, family)
 
 
 @pytest.fixture(scope="module")
@@ -53,16 +58,19 @@ def _hf_feed(model, arrays) -> dict:
     feed = {k: torch.from_numpy(arrays[k]) for k in ("input_ids", "attention_mask", "pixel_values_videos",
                                                        "video_grid_thw")}
     feed["mm_token_type_ids"] = (feed["input_ids"] == model.config.video_token_id).long() * 2
+    if "second_per_grid_ts" in arrays:  # Qwen2.5-VL's temporal positions
+        feed["second_per_grid_ts"] = torch.from_numpy(arrays["second_per_grid_ts"])
     return feed
 
 
-def _onnx_prefill(decoder: TextDecoder, vision: VisionEncoder, arrays, video_token_id, visual=None):
-    """Prompt hidden states; the visual features from the ONNX vision encoder, or `visual` = (features, taps)."""
+def _onnx_prefill(decoder: TextDecoder, vision, arrays, video_token_id, visual=None, **options):
+    """Prompt hidden states; the visual features from the ONNX vision encoder, or `visual` = (features, taps).
+    `options`: prefill's capacity / on_device."""
     features, taps = visual if visual is not None else vision.encode(arrays["pixel_values_videos"],
                                                                      arrays["video_grid_thw"])
     embeds, deepstack = decoder.multimodal_embeds(arrays["input_ids"], video_token_id, features, taps)
     cos, sin = decoder.cos_sin(arrays["position_ids"])
-    return decoder.prefill(embeds, cos, sin, deepstack)
+    return decoder.prefill(embeds, cos, sin, deepstack, **options)
 
 
 def test_graph_uses_fused_ops(exported, tiny):
@@ -85,11 +93,18 @@ def test_graph_uses_fused_ops(exported, tiny):
     for o in proto.graph.output:
         assert tc.vocab_size not in [d.dim_value for d in o.type.tensor_type.shape.dim]
     names = [i.name for i in proto.graph.input]
-    assert names[:6] == ["inputs_embeds", "cos", "sin", "deepstack", "seqlens_k", "total_sequence_length"]
-    assert names[6:] == [f"past_{kind}_{i}" for i in range(tc.num_hidden_layers) for kind in ("key", "value")]
+    taps = ["deepstack"] if decoder.num_deepstack else []
+    assert decoder.num_deepstack == (3 if tiny[1].config.model_type == "qwen3_vl" else 0)
+    fixed = ["inputs_embeds", "cos", "sin", *taps, "seqlens_k", "total_sequence_length"]
+    assert names[:len(fixed)] == fixed
+    assert names[len(fixed):] == [f"past_{kind}_{i}" for i in range(tc.num_hidden_layers) for kind in ("key", "value")]
     assert (out / "decoder.onnx.data").is_file()
     head = onnx.load(str(out / "lm_head.onnx"), load_external_data=False)
     assert [o.name for o in head.graph.output] == ["logits"]
+    rows = onnx.load(str(out / "cache_rows.onnx"))
+    assert {n.op_type for n in rows.graph.node} == {"Gather"} and len(rows.graph.node) == 2 * tc.num_hidden_layers
+    assert [i.name for i in rows.graph.input] == ["rows"] + [
+        f"{kind}_{i}" for i in range(tc.num_hidden_layers) for kind in ("key", "value")]
 
 
 def test_cos_sin_match_hf(tiny, arrays):
@@ -99,15 +114,21 @@ def test_cos_sin_match_hf(tiny, arrays):
     positions = arrays["position_ids"]
     with torch.no_grad():
         ref_cos, ref_sin = lm.rotary_emb(torch.zeros(1), torch.from_numpy(positions))
-    sidecar = {"inv_freq": lm.rotary_emb.inv_freq.numpy(), "attention_scaling": 1.0,
-               "mrope_section": model.config.text_config.rope_parameters["mrope_section"]}
+    interleaved = model.config.model_type == "qwen3_vl"
+    section = model.config.text_config.rope_parameters["mrope_section"]
+    sidecar = {"inv_freq": lm.rotary_emb.inv_freq.numpy(), "attention_scaling": 1.0, "mrope_section": section,
+               "mrope_interleaved": interleaved}
     for config in (sidecar, model.config.to_dict()):  # from the export's tables, or from config.json
         cos, sin = mrope_cos_sin(positions, config)
         np.testing.assert_allclose(cos, ref_cos.numpy(), rtol=0, atol=1e-6)
         np.testing.assert_allclose(sin, ref_sin.numpy(), rtol=0, atol=1e-6)
-    # the layout actually interleaves: each axis drives some frequencies
-    cos, _ = mrope_cos_sin(np.stack([np.zeros((1, 4)), np.ones((1, 4)), np.zeros((1, 4))]).astype(np.int64), sidecar)
-    assert (cos[0, 0, 1] != 1) and (cos[0, 0, 0] == 1) and (cos[0, 0, 2] == 1)
+    # the layout is the family's: which frequencies does the height axis drive?
+    _, sin = mrope_cos_sin(np.stack([np.zeros((1, 4)), np.ones((1, 4)), np.zeros((1, 4))]).astype(np.int64), sidecar)
+    half = len(sidecar["inv_freq"])
+    height = np.flatnonzero(sin[0, 0, :half] != 0).tolist()
+    expected = (list(range(1, min(3 * section[1], half), 3)) if interleaved
+                else list(range(section[0], min(section[0] + section[1], half))))
+    assert height == expected
 
 
 def test_prefill_logits_match_hf(tiny, exported, arrays):
@@ -117,8 +138,9 @@ def test_prefill_logits_match_hf(tiny, exported, arrays):
         ref = model(**_hf_feed(model, arrays)).logits[0, -1].numpy()
         hf_visual = model.model.get_video_features(torch.from_numpy(arrays["pixel_values_videos"]),
                                                    torch.from_numpy(arrays["video_grid_thw"]), return_dict=True)
-    hf_features = torch.cat(list(hf_visual.pooler_output), 0).numpy()
-    hf_taps = [t.numpy() for t in hf_visual.deepstack_features]
+    pooled = hf_visual.pooler_output
+    hf_features = (torch.cat(list(pooled), 0) if isinstance(pooled, (list, tuple)) else pooled).numpy()
+    hf_taps = [t.numpy() for t in getattr(hf_visual, "deepstack_features", None) or []]
     diffs = {}
     for name, visual in (("onnx_vision", None), ("hf_vision", (hf_features, hf_taps))):
         hidden = _onnx_prefill(decoder, vision, arrays, model.config.video_token_id, visual)
@@ -128,6 +150,8 @@ def test_prefill_logits_match_hf(tiny, exported, arrays):
     print(f"prompt of {arrays['input_ids'].shape[1]} tokens: last-position logits max abs diff "
           + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
     assert max(diffs.values()) <= TOL, diffs
+    if not hf_taps:
+        return
     # DeepStack really matters here (a wrong tap placement would not be caught otherwise)
     hidden = _onnx_prefill(decoder, vision, arrays, model.config.video_token_id,
                            (hf_features, [np.zeros_like(t) for t in hf_taps]))
@@ -143,17 +167,24 @@ def test_greedy_decoding_matches_generate(tiny, exported, arrays):
     prompt_len = arrays["input_ids"].shape[1]
     ref_tokens = generated.sequences[0, prompt_len:].tolist()
     ref_logits = np.stack([step[0].numpy() for step in generated.logits])
-    hidden = _onnx_prefill(decoder, vision, arrays, model.config.video_token_id)
     eos = model.generation_config.eos_token_id
-    first = decoder.logits(hidden[:, -1:])[0, -1]
-    tokens, logits = decoder.greedy(first, prompt_len, arrays["rope_deltas"], NEW_TOKENS, eos, return_logits=True)
-    step_diffs = np.abs(np.stack(logits) - ref_logits).max(axis=1)
-    print(f"greedy: hf {ref_tokens}\n        onnx {tokens}\n"
-          f"        per-step logits max abs diff {step_diffs.max():.2e}")
-    assert tokens == ref_tokens
-    assert step_diffs.max() <= TOL  # the cached steps, not only their argmax, match HF
-    assert decoder.past_length == prompt_len + len(tokens) - 1
-    assert decoder.past[0][0].shape == (1, decoder.num_kv_heads, decoder.past_length, decoder.head_dim)
+    penalty = model.generation_config.repetition_penalty or 1.0  # Qwen2.5-VL ships 1.05: greedy applies it
+    # room for every token: steps write in place; no room: each step gets new exactly-sized buffers
+    for capacity in (prompt_len + NEW_TOKENS - 1, None):
+        hidden = _onnx_prefill(decoder, vision, arrays, model.config.video_token_id, capacity=capacity, on_device=True)
+        first = decoder.logits(hidden, slice(-1, None))[0, -1]
+        buffer = decoder.past[0][0].data_ptr()
+        tokens, logits = decoder.greedy(first, prompt_len, arrays["rope_deltas"], NEW_TOKENS, eos, return_logits=True,
+                                        repetition_penalty=penalty, context_ids=arrays["input_ids"])
+        step_diffs = np.abs(np.stack(logits) - ref_logits).max(axis=1)
+        print(f"greedy (capacity {capacity}): hf {ref_tokens}\n        onnx {tokens}\n"
+              f"        per-step logits max abs diff {step_diffs.max():.2e}")
+        assert tokens == ref_tokens
+        assert step_diffs.max() <= TOL  # the cached steps, not only their argmax, match HF
+        assert decoder.past_length == prompt_len + len(tokens) - 1
+        assert decoder.cache_shape() == (1, decoder.num_kv_heads, decoder.past_length, decoder.head_dim)
+        assert (decoder.past[0][0].data_ptr() == buffer) == (capacity is not None)  # in place only with room
+        assert decoder.capacity == (capacity or decoder.past_length)
     # decoding positions matter: forgetting rope_deltas (text-only positions) is caught
     _onnx_prefill(decoder, vision, arrays, model.config.video_token_id)
     _, wrong = decoder.greedy(first, prompt_len, np.zeros((1, 1), np.int64), 2, eos, return_logits=True)
@@ -206,3 +237,71 @@ def test_cached_steps_match_full_forward(tiny, exported, arrays):
     diff = float(np.abs(np.stack(ours) - ref).max())
     print(f"cached steps vs full forward: max abs diff {diff:.2e}")
     assert diff <= TOL
+
+
+def _text_prefill(decoder: TextDecoder, ids: np.ndarray, capacity: int | None = None):
+    """Text-only prompt rows (positions = index on all three axes) on the device."""
+    cos, sin = decoder.cos_sin(decode_position_ids(0, ids.shape[1], np.zeros((1, 1), np.int64), len(ids)))
+    return decoder.prefill(decoder.embed(ids), cos, sin, capacity=capacity, on_device=True)
+
+
+def _text_step(decoder: TextDecoder, ids: np.ndarray, start: int) -> np.ndarray:
+    cos, sin = decoder.cos_sin(decode_position_ids(start, ids.shape[1], np.zeros((1, 1), np.int64), len(ids)))
+    return decoder.logits(decoder.step(decoder.embed(ids), cos, sin, on_device=True))
+
+
+def _full_forward_logits(decoder: TextDecoder, ids: np.ndarray) -> np.ndarray:
+    """Logits at every position of an uncached forward (numpy hidden states, the host path)."""
+    cos, sin = decoder.cos_sin(decode_position_ids(0, ids.shape[1], np.zeros((1, 1), np.int64), len(ids)))
+    return decoder.logits(decoder.prefill(decoder.embed(ids), cos, sin))
+
+
+def test_repeat_cache_on_device(exported):
+    """Two prompts prefilled together, their cache repeated 3x by cache_rows.onnx on the device
+    (row r -> rows 3r..3r+2), six different next tokens: each row equals the full forward of its
+    own prompt + token, and the prefill's cache is left as it was (repeat writes new buffers)."""
+    decoder = exported[1]
+    rng = np.random.default_rng(2)
+    prompts, nexts = rng.integers(0, 1400, (2, 12)), rng.integers(0, 1400, (6, 1))
+    reference = _full_forward_logits(decoder, np.concatenate([np.repeat(prompts, 3, axis=0), nexts], axis=1))[:, -1]
+    tiled = _full_forward_logits(decoder, np.concatenate([np.tile(prompts, (3, 1)), nexts], axis=1))[:, -1]
+    assert np.abs(tiled - reference).max() > 1e-3  # a wrong row order would be caught
+    _text_prefill(decoder, prompts, capacity=13)
+    before = decoder.snapshot()
+    decoder.repeat_cache(3)
+    assert decoder.cache_shape() == (6, decoder.num_kv_heads, 12, decoder.head_dim) and decoder.capacity == 13
+    assert decoder.past[0][0].device_name() == decoder.device  # an OrtValue on the session's device
+    assert decoder.past[0][0].data_ptr() != before.past[0][0].data_ptr()
+    ours = _text_step(decoder, nexts, 12)[:, 0]
+    diff = float(np.abs(ours - reference).max())
+    print(f"repeated cache step vs full forward: max abs diff {diff:.2e}")
+    assert diff <= 1e-5
+    decoder.restore(before)  # the un-repeated cache is intact
+    assert decoder.cache_shape() == (2, decoder.num_kv_heads, 12, decoder.head_dim)
+    np.testing.assert_allclose(_text_step(decoder, nexts[::3], 12)[:, 0], reference[::3], rtol=0, atol=1e-5)
+
+
+def test_snapshot_restore(exported):
+    """A 3-token step (the score-prefix pattern) written in place, then restore: steps on the
+    restored cache equal a full forward that never saw those 3 tokens, written over the detour's
+    rows in the same buffer. Running past the room a prefill gave is refused."""
+    decoder = exported[1]
+    rng = np.random.default_rng(3)
+    prompt, detour, path = rng.integers(0, 1400, (1, 10)), rng.integers(0, 1400, (1, 3)), rng.integers(0, 1400, (1, 3))
+    detour_reference = _full_forward_logits(decoder, np.concatenate([prompt, detour], axis=1))[:, 10:]
+    path_reference = _full_forward_logits(decoder, np.concatenate([prompt, path], axis=1))[:, 10:]
+    _text_prefill(decoder, prompt, capacity=13)
+    buffer = decoder.past[0][0].data_ptr()
+    saved = decoder.snapshot()
+    assert np.abs(_text_step(decoder, detour, 10) - detour_reference).max() <= 1e-5
+    decoder.restore(saved)
+    assert decoder.cache_shape() == (1, decoder.num_kv_heads, 10, decoder.head_dim)
+    ours = np.concatenate([_text_step(decoder, path[:, j:j + 1], 10 + j) for j in range(3)], axis=1)
+    assert decoder.past[0][0].data_ptr() == buffer
+    diff = float(np.abs(ours - path_reference).max())
+    print(f"steps after restore vs full forward: max abs diff {diff:.2e}")
+    assert diff <= 1e-5
+    _text_prefill(decoder, prompt, capacity=12)
+    _text_step(decoder, path[:, :1], 10)
+    with pytest.raises(InputError, match="2 tokens after 11 do not fit the KV cache of 12"):
+        _text_step(decoder, path[:, 1:], 11)

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 RUNTIME_MODULES = ("compat", "model", "mrope", "preprocess", "prompt", "qwen2_5_vl", "qwen3_5", "qwen3_vl",
-                   "resize", "video", "vision", "decoder", "vision_qwen2_5")
+                   "resize", "video", "vision", "decoder", "vision_qwen2_5", "engine", "answers")
 
 
 def test_runtime_imports_no_training_stack():

@@ -112,7 +112,7 @@ def test_matches_hf(case, weights, tiny, visuals, exported):
     arrays = _inputs(tiny[0], CASES[case])
     assert len(arrays["video_grid_thw"]) == len(CASES[case])
     ref = _hf(visual, arrays)
-    features = encoder.encode(arrays["pixel_values_videos"], arrays["video_grid_thw"])
+    features, _ = encoder.encode(arrays["pixel_values_videos"], arrays["video_grid_thw"])
     assert features.shape == ref.shape and features.dtype == np.float32
     diff = float(np.abs(features - ref).max())
     print(f"{case}/{weights}: grids {arrays['video_grid_thw'].tolist()} max abs diff {diff:.2e} "
@@ -205,7 +205,7 @@ def test_groups_encode_independently(tiny, exported):
     order = np.arange(t)[::-1]  # a shuffled batch gives the same per-group result
     np.testing.assert_allclose(encoder.encode_groups(groups[order], h, w), batched[order], rtol=0, atol=1e-6)
     one_at_a_time = VisionEncoder(path, max_groups=1)
-    f = one_at_a_time.encode(arrays["pixel_values_videos"], arrays["video_grid_thw"])
+    f, _ = one_at_a_time.encode(arrays["pixel_values_videos"], arrays["video_grid_thw"])
     np.testing.assert_allclose(f, batched.reshape(f.shape), rtol=0, atol=1e-6)
 
 
@@ -217,7 +217,7 @@ def test_shape_mismatch_is_an_input_error(exported):
         encoder.encode(np.zeros((15, encoder.patch_dim), np.float32), np.array([[1, 4, 4]]))
     with pytest.raises(InputError):  # a grid side that is not a multiple of the merge size
         encoder.encode(np.zeros((18, encoder.patch_dim), np.float32), np.array([[1, 3, 6]]))
-    features = encoder.encode(np.zeros((0, encoder.patch_dim), np.float32), np.zeros((0, 3), np.int64))
+    features, _ = encoder.encode(np.zeros((0, encoder.patch_dim), np.float32), np.zeros((0, 3), np.int64))
     assert features.shape == (0, encoder.out_hidden)
 
 
@@ -227,7 +227,7 @@ def test_vision_runtime_imports_no_torch(exported):
         "import sys, numpy as np\n"
         "from edgejudge.runtime.vision_qwen2_5 import VisionEncoder\n"
         f"enc = VisionEncoder({str(path)!r})\n"
-        "f = enc.encode(np.zeros((2 * 16 * 12, enc.patch_dim), np.float32), np.array([[2, 16, 12]]))\n"
+        "f, _ = enc.encode(np.zeros((2 * 16 * 12, enc.patch_dim), np.float32), np.array([[2, 16, 12]]))\n"
         "assert f.shape == (2 * 4 * 12, enc.out_hidden)\n"
         "bad = [m for m in ('torch', 'transformers', 'peft', 'onnx') if m in sys.modules]\n"
         "print(','.join(bad))\n"

@@ -1,0 +1,194 @@
+"""The control-loop API: load a judge once, then ask it about frames straight from the robot.
+
+    judge = Judge.load("artifacts/robocasa-int4", device="cuda")
+    decision = judge.check("Place the red block in the box.", views={"right": right, "left": left})
+    decision.label, decision.scores, decision.views, decision.timings_ms
+
+`check` is for candidate-label judges (lowest mean NLL per label token wins, averaged over the
+views), `ask` for judges that answer in text (greedy, parsed by the spec's answer kind, plus the
+probabilities of the scores 1-5 where the spec has a score prefix). Torch-free: ONNX artifacts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Union
+
+import numpy as np
+
+from edgejudge.errors import InputError
+from edgejudge.manifest import MANIFEST_NAME, read_manifest
+from edgejudge.runtime.engine import DIGITS, Engine, Prompt, StageTimer
+from edgejudge.runtime.model import read_config, sample_clip
+from edgejudge.runtime.video import Clip, read_video
+from edgejudge.specs import JudgeSpec, get_spec
+
+if TYPE_CHECKING:
+    from edgejudge.runtime.answers import ParsedAnswer
+
+Frames = Union[np.ndarray, Clip]
+
+
+def spec_text(spec: JudgeSpec, fields: Mapping[str, str]) -> str:
+    """The user text of one job: the spec's text with its fields filled in, each one required."""
+    unknown = sorted(set(fields) - set(spec.fields))
+    if unknown:
+        raise InputError(f"spec {spec.name} takes {', '.join(spec.fields)}; not {', '.join(unknown)}")
+    missing = [f for f in spec.fields if not str(fields.get(f) or "").strip()]
+    if missing:
+        raise InputError(f"spec {spec.name} needs a non-empty {', '.join(missing)}")
+    if not spec.user_text:
+        files = ", ".join(source.file for source in spec.prompt_sources)
+        raise InputError(f"spec {spec.name} builds its prompt from the user's files ({files}); "
+                         "the engine does not compose those prompts yet")
+    return spec.user_text.format(**fields)
+
+
+@dataclass
+class Decision:
+    """A candidate-label decision: the label with the lowest score wins."""
+
+    label: str
+    scores: dict[str, float]  # mean over views of each label's NLL per token
+    views: dict[str, dict[str, float]]  # per view: each label's NLL per token
+    timings_ms: dict[str, float]  # preprocess, vision, prefill, scoring, total
+
+    def to_dict(self) -> dict:
+        return {"prediction": self.label, "scores": self.scores, "views": self.views, "timings_ms": self.timings_ms}
+
+
+@dataclass
+class Answer:
+    """A generated answer: the raw text, what the spec's parser reads from it, and the scores'
+    probabilities where the spec has a score prefix."""
+
+    text: str  # decoded without special tokens
+    token_ids: list[int]  # generated tokens, the EOS included when one was reached
+    eos: bool  # False: the token budget ran out first
+    parsed: ParsedAnswer
+    distribution: dict[int, float] | None
+    expected: float | None
+    timings_ms: dict[str, float]
+
+    def to_dict(self, key: str | None = None) -> dict:
+        parsed = self.parsed
+        return {"key": key if key is not None else parsed.key, "score": parsed.score, "scores": parsed.scores,
+                "ok": parsed.ok, "reason": parsed.reason, "raw": self.text, "tokens": len(self.token_ids), "eos": self.eos,
+                "distribution": self.distribution, "expected": self.expected, "timings_ms": self.timings_ms}
+
+
+class Judge:
+    """A judge spec on an ONNX artifact. Load once; `check` / `ask` per decision."""
+
+    def __init__(self, engine: Engine, spec: JudgeSpec):
+        self.engine, self.spec = engine, spec
+
+    @classmethod
+    def load(cls, artifact_dir: str | Path, spec: str | JudgeSpec | None = None, device: str = "cpu",
+             gpu_mem_gb: float | None = None, cache_groups: int = 128, hf: str | None = None) -> "Judge":
+        """`spec`: a spec name, a JudgeSpec, or None for the one recorded in the artifact.
+        `cache_groups`: how many 2-frame groups of vision outputs to keep (LRU, ONNX artifacts).
+
+        ONNX artifacts run on ONNX Runtime (torch-free); bnb artifacts and plain HF model folders
+        run on the torch backend (`edgejudge.torch_backend`, imported only then)."""
+        folder = Path(artifact_dir)
+        manifest = read_manifest(folder) if (folder / MANIFEST_NAME).is_file() else None
+        if spec is None:
+            if manifest is None or not manifest.judge_spec:
+                raise InputError(f"{artifact_dir} records no judge spec: pass one")
+            spec = manifest.judge_spec
+        spec = get_spec(spec) if isinstance(spec, str) else spec
+        family = manifest.family if manifest else read_config(folder).get("model_type")
+        if family not in spec.families:
+            raise InputError(f"{artifact_dir} is a {family} model; spec {spec.name} needs {', '.join(spec.families)}")
+        if manifest is not None and manifest.format == "onnx":
+            return cls(Engine(folder, device, gpu_mem_gb, cache_groups, hf), spec)
+        from edgejudge.torch_backend import TorchEngine
+
+        return cls(TorchEngine(folder, device, gpu_mem_gb, hf), spec)
+
+    def _clip(self, frames: Frames, fps: float | None, sample: str | None) -> Clip:
+        clip = frames if isinstance(frames, Clip) else read_video(frames, fps=fps)
+        return sample_clip(self.engine.model, clip, sample or self.spec.sample)
+
+    def check(self, instruction: str, views: Mapping[str, Frames], fps: float | None = None,
+              sample: str | None = None) -> Decision:
+        """One decision of a candidate-label judge over its views. `views` maps each of the spec's
+        view names to (T, H, W, 3) uint8 RGB frames or a Clip; `sample` overrides the spec's
+        frame policy and `fps` gives the frames' rate (for the prompt's timestamps)."""
+        start = time.perf_counter()
+        spec = self.spec
+        if spec.answer != "labels":
+            raise InputError(f"spec {spec.name} answers in text ({spec.answer}): use ask()")
+        if not isinstance(views, Mapping):
+            raise InputError(f"views must map view names to frames, not a {type(views).__name__}")
+        names = list(views)
+        if not names or (spec.views and sorted(names) != sorted(spec.views)):
+            expected = ", ".join(spec.views) if spec.views else "at least one"
+            raise InputError(f"spec {spec.name} takes views {expected}; got {', '.join(names) or 'none'}")
+        timer = StageTimer()
+        with timer("preprocess"):
+            text = spec_text(spec, {"instruction": instruction})
+            prompts = [self.engine.prompt([self._clip(views[name], fps, sample)], text) for name in names]
+        decision = self.decide([prompts], names, timer)[0]
+        timer.ms["total"] = (time.perf_counter() - start) * 1e3
+        return decision
+
+    def decide(self, decisions: list[list[Prompt]], view_names: list[str],
+               timer: StageTimer | None = None) -> list[Decision]:
+        """Several decisions' view prompts scored in one engine call (prompts of one length share
+        a batch, across decisions too): each decision is the mean over its views."""
+        timer = timer or StageTimer()
+        labels = self.spec.labels
+        nll = self.engine.score_labels([p for views in decisions for p in views], labels, timer)
+        out, start = [], 0
+        for views in decisions:
+            per_view, start = nll[start : start + len(views)], start + len(views)
+            scores = per_view.mean(axis=0)
+            out.append(Decision(
+                label=labels[int(np.argmin(scores))],
+                scores=dict(zip(labels, scores.tolist())),
+                views={name: dict(zip(labels, row.tolist())) for name, row in zip(view_names, per_view)},
+                timings_ms=timer.ms,
+            ))
+        return out
+
+    def ask(self, video: Frames, fps: float | None = None, sample: str | None = None, system: str | None = None,
+            **fields: str) -> Answer:
+        """A generative judge's greedy answer about one video (up to the spec's max_new_tokens,
+        stopping at EOS), parsed by the spec's answer kind."""
+        return self.ask_many(video, [fields], fps, sample, system)[0]
+
+    def ask_many(self, video: Frames, questions: list[Mapping[str, str]], fps: float | None = None,
+                 sample: str | None = None, system: str | None = None) -> list[Answer]:
+        """Several questions about one video (a rubric: one `fields` mapping per axis). The engine
+        prefills what their prompts share (the system prompt and the video) once where it can
+        (the torch backend; see `generate_many` of each engine) and answers them as one batch."""
+        from edgejudge.runtime.answers import parse_answer
+
+        start = time.perf_counter()
+        spec = self.spec
+        if spec.answer == "labels":
+            raise InputError(f"spec {spec.name} scores candidate labels: use check()")
+        timer = StageTimer()
+        with timer("preprocess"):
+            texts = [spec_text(spec, fields) for fields in questions]
+            clip = self._clip(video, fps, sample)
+        prefixes = [spec.score_prefix.format(**fields) for fields in questions] if spec.score_prefix else None
+        results = self.engine.generate_many([clip], texts, spec.max_new_tokens, system, prefixes, timer)
+        timer.ms["total"] = (time.perf_counter() - start) * 1e3
+        answers = []
+        for tokens, probs in results:
+            raw = self.engine.model.prompter.decode(tokens)
+            answers.append(Answer(
+                text=raw,
+                token_ids=tokens,
+                eos=tokens[-1] in self.engine.eos_ids,
+                parsed=parse_answer(spec.answer, raw),
+                distribution=None if probs is None else {int(d): float(p) for d, p in zip(DIGITS, probs)},
+                expected=None if probs is None else float(np.dot(probs, np.arange(1, 6))),
+                timings_ms=timer.ms,
+            ))
+        return answers

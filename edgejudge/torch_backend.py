@@ -1,0 +1,456 @@
+"""The runtime's second backend: bnb artifacts and plain HF model folders on torch + transformers.
+
+`TorchEngine` has the ONNX `Engine`'s interface (`prompt`, `token_ids`, `score_labels`, `generate`,
+`model`, `eos_ids`) on HF's own forward, so `Judge` runs on either. The inputs are the runtime's
+(`edgejudge.runtime.model`: HF's processor arrays, position ids included), so both backends see
+exactly the same tokens. `generate_many` adds the whole rubric on one video prefill.
+
+The cache is transformers' DynamicCache. For Qwen3.5 it holds, besides the key/value tensors of
+the full-attention layers, the conv and recurrent states of the Gated DeltaNet layers.
+transformers 5.17's `Cache.batch_repeat_interleave` does not reach those (its LinearAttentionLayer
+has no such method), so rows are branched with `reorder_cache`, which every layer kind implements.
+
+Exactness rules that shape the code:
+- Right padding is exact for reading logits (causal: a pad only affects positions after it), so
+  label scoring and score-prefix reads run padded batches on a copy of the cache, then drop it.
+- A cache that decoding continues from must never have seen a pad token: a DeltaNet state decays
+  on a pad even when its input is zeroed. Continuations of unequal length are therefore prefilled
+  in groups of equal length, then merged into one batch whose full-attention keys have holes that
+  the attention mask hides; recurrent and conv states have no length, so they merge as they are.
+
+Imports torch and transformers (bitsandbytes through transformers for bnb artifacts), never peft
+or the export stack.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+
+from edgejudge.errors import InputError
+from edgejudge.manifest import MANIFEST_NAME, read_manifest
+from edgejudge.runtime import model as runtime_model
+from edgejudge.runtime.engine import DIGITS, Prompt, StageTimer, eos_token_ids
+from edgejudge.runtime.preprocess import preprocess_video
+from edgejudge.runtime.video import Clip
+
+GIB = 1 << 30
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+# Room over weights + cache for a forward's transient buffers and the allocator's slack.
+WORKING_ROOM = 1.2
+
+
+# -- memory ------------------------------------------------------------------------------------
+def weight_bytes(folder: Path, float_bytes: int | None) -> int:
+    """Bytes the weights take once loaded, from the safetensors headers (no tensor is read).
+
+    Float tensors count at `float_bytes` (the dtype they load in) when given; bnb's quantized
+    tensors (uint8 data, absmax, ...) and everything else at their stored size.
+    """
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        bins = sorted(p.name for p in folder.glob("*.bin"))
+        why = f" (found {', '.join(bins)}: pickle files are never loaded)" if bins else ""
+        raise InputError(f"{folder}: no .safetensors weights{why}")
+    total = 0
+    for path in files:
+        try:
+            with safe_open(str(path), "pt") as f:
+                for name in f.keys():
+                    piece = f.get_slice(name)
+                    dtype, numel = piece.get_dtype(), int(np.prod(piece.get_shape()))
+                    floating = dtype in ("F32", "F16", "BF16")
+                    total += numel * (float_bytes if float_bytes and floating else DTYPE_BYTES.get(dtype, 4))
+        except (SafetensorError, OSError) as e:
+            raise InputError(f"{path}: not a readable safetensors file ({e})") from None
+    return total
+
+
+def cache_bytes(text_config: dict, batch: int, length: int, float_bytes: int) -> int:
+    """Bytes of a cache of `batch` rows of `length` tokens: keys and values of the full-attention
+    layers; conv states and (fp32) recurrent states of the linear-attention layers."""
+    layers = int(text_config["num_hidden_layers"])
+    types = text_config.get("layer_types") or ["full_attention"] * layers
+    head_dim = int(text_config.get("head_dim") or text_config["hidden_size"] // text_config["num_attention_heads"])
+    per_full = 2 * batch * int(text_config["num_key_value_heads"]) * length * head_dim * float_bytes
+    total = per_full * types.count("full_attention")
+    if "linear_attention" in types:
+        k_head, k_heads = int(text_config["linear_key_head_dim"]), int(text_config["linear_num_key_heads"])
+        v_head, v_heads = int(text_config["linear_value_head_dim"]), int(text_config["linear_num_value_heads"])
+        conv = batch * (2 * k_head * k_heads + v_head * v_heads) * int(text_config["linear_conv_kernel_dim"]) * float_bytes
+        recurrent = batch * v_heads * k_head * v_head * 4
+        total += (conv + recurrent) * types.count("linear_attention")
+    return total
+
+
+# -- cache rows --------------------------------------------------------------------------------
+def _copy_layer(layer):
+    """A shallow copy of a cache layer with its own state dicts (conv/recurrent states by index)."""
+    layer = copy.copy(layer)
+    layer.__dict__.update({k: dict(v) for k, v in layer.__dict__.items() if isinstance(v, dict)})
+    return layer
+
+
+def select_rows(cache, rows: torch.Tensor):
+    """A new cache whose row i is `cache`'s row rows[i]; `cache` keeps its own tensors.
+
+    Every layer kind implements `reorder_cache` as an index_select, which allocates new tensors,
+    so in-place updates of the copy (the conv/recurrent states are updated in place) never reach
+    the source.
+    """
+    out = copy.copy(cache)
+    out.layers = [_copy_layer(layer) for layer in cache.layers]
+    for layer in out.layers:
+        layer.reorder_cache(rows)
+    return out
+
+
+def merge_rows(caches: list, total: int):
+    """Stack caches of different token counts into one batch: keys/values right-padded with zeros
+    to `total` tokens (holes an attention mask must hide), conv/recurrent states concatenated."""
+    out = copy.copy(caches[0])
+    out.layers = []
+    for parts in zip(*(c.layers for c in caches)):
+        layer = _copy_layer(parts[0])
+        if getattr(layer, "keys", None) is not None and layer.get_seq_length() > 0:
+            for name in ("keys", "values"):
+                padded = [torch.nn.functional.pad(getattr(p, name), (0, 0, 0, total - p.get_seq_length())) for p in parts]
+                setattr(layer, name, torch.cat(padded))
+        for name in ("conv_states", "recurrent_states"):
+            states = getattr(layer, name, {})
+            for i, state in states.items():
+                if state is not None:
+                    states[i] = torch.cat([getattr(p, name)[i] for p in parts])
+        out.layers.append(layer)
+    return out
+
+
+# -- one video, many questions -----------------------------------------------------------------
+def shared_prompt(prompts: list[dict[str, np.ndarray]]) -> tuple[int, list[np.ndarray]]:
+    """Where the prompts of several texts on the same videos stop sharing tokens: the prefix
+    length, and each prompt's own suffix ids.
+
+    The split is the longest common run of the prompts' own ids (each tokenized alone, as
+    `prompt_inputs` does), so it always falls on a token boundary identical in all of them: a
+    tokenizer merge across the place where the texts start to differ is never cut. Every suffix
+    keeps at least one token (its logits start the answer). A suffix continues at index + rope
+    delta, which is checked against each prompt's own positions.
+    """
+    ids = [p["input_ids"][0] for p in prompts]
+    shortest = min(len(i) for i in ids)
+    cut = 0
+    while cut < shortest - 1 and all(i[cut] == ids[0][cut] for i in ids):
+        cut += 1
+    for p in prompts:
+        positions, delta, length = p["position_ids"], int(p["rope_deltas"].reshape(-1)[0]), p["input_ids"].shape[1]
+        if not np.array_equal(positions[:, :, :cut], prompts[0]["position_ids"][:, :, :cut]):
+            raise InputError("the prompts' positions differ inside their shared tokens (different videos?)")
+        if not (positions[:, 0, cut:] == np.arange(cut, length) + delta).all():
+            raise InputError("the texts' tokens do not all come after the videos: no shared video prefix")
+    return cut, [i[cut:] for i in ids]
+
+
+# -- the engine --------------------------------------------------------------------------------
+@dataclass
+class Prefix:
+    """Prefilled prompts of one length: the cache and what scoring or decoding continues from."""
+
+    cache: object  # a transformers Cache of `batch` rows of `length` tokens
+    length: int
+    rope_deltas: torch.Tensor  # (batch, 1): a text token at index i sits at position i + delta
+    last_logits: torch.Tensor  # (batch, vocab) float32, predicted by each prompt's last token
+
+    @property
+    def batch(self) -> int:
+        return self.rope_deltas.shape[0]
+
+
+class TorchEngine:
+    """A bnb artifact or HF model folder on torch, with the ONNX Engine's interface."""
+
+    def __init__(self, folder: str | Path, device: str = "cpu", gpu_mem_gb: float | None = None,
+                 hf: str | None = None, dtype: torch.dtype | None = None):
+        """`dtype`: the float weights' dtype of a plain folder (default fp32 on CPU, bf16 on CUDA);
+        a bnb artifact keeps the dtypes it was exported with. With `gpu_mem_gb` the weights are
+        sized from the safetensors headers before anything loads and refused if over the cap, each
+        request is sized before it runs, and on CUDA the cap is this process's memory fraction."""
+        from transformers import AutoModelForImageTextToText
+
+        folder = Path(folder)
+        name, _, index = device.partition(":")
+        if device != "cpu" and (name != "cuda" or (index and not index.isdigit())):
+            raise InputError(f"device {device!r}: expected cpu, cuda or cuda:N")
+        if gpu_mem_gb is not None and not (name == "cuda" and gpu_mem_gb > 0):
+            raise InputError(f"gpu_mem_gb must be positive, got {gpu_mem_gb}" if name == "cuda"
+                             else "gpu_mem_gb applies to device 'cuda' only")
+        self.model = runtime_model.load(folder, hf=hf)  # checks an artifact's files against its manifest
+        if (folder / MANIFEST_NAME).is_file() and (fmt := read_manifest(folder).format) != "bnb":
+            raise InputError(f"{folder} is a {fmt} artifact; the torch backend runs bnb artifacts and HF model folders")
+        self.text_config = self.model.config.get("text_config", self.model.config)
+        if dtype is None and "quantization_config" not in self.model.config:
+            dtype = torch.bfloat16 if name == "cuda" else torch.float32
+        # bnb artifacts keep the dtype they were saved in: their compute and cache dtype
+        saved = getattr(torch, self.model.config.get("dtype") or self.text_config.get("dtype") or "float32")
+        self.float_bytes = torch.finfo(dtype or saved).bits // 8
+        self.weights_bytes = weight_bytes(folder, self.float_bytes if dtype is not None else None)
+        self.cap_bytes = None if gpu_mem_gb is None else int(gpu_mem_gb * GIB)
+        self.check_fits(0, 0)  # the weights alone, before any is read
+        if self.cap_bytes is not None:
+            device_index = torch.device(device).index or 0
+            fraction = self.cap_bytes / torch.cuda.get_device_properties(device_index).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, fraction), device_index)
+        try:
+            self.net = AutoModelForImageTextToText.from_pretrained(
+                folder, device_map=device, use_safetensors=True, trust_remote_code=False,
+                **({"dtype": dtype} if dtype is not None else {})).eval()
+        except torch.OutOfMemoryError:
+            raise InputError(f"{folder}: out of GPU memory while loading the weights") from None
+        self.device = torch.device(device)
+        self.eos_ids = eos_token_ids(self.model)
+
+    # -- the Engine interface -----------------------------------------------------------------
+    def prompt(self, clips: list[Clip], text: str, system: str | None = None) -> Prompt:
+        return Prompt(runtime_model.build_inputs(self.model, clips, text, system), clips)
+
+    def token_ids(self, text: str, what: str) -> np.ndarray:
+        ids = self.model.prompter.encode(text)
+        if not len(ids):
+            raise InputError(f"{what} {text!r} tokenizes to nothing")
+        return ids
+
+    def score_labels(self, prompts: list[Prompt], labels: tuple[str, ...], timer: StageTimer | None = None
+                     ) -> np.ndarray:
+        """(prompts, labels) mean NLL per label token. Prompts of one length (the views of one
+        decision) share one prefill; all their (prompt, label) pairs then run as one batch."""
+        timer = timer or StageTimer()
+        label_ids = [self.token_ids(label, "label") for label in labels]
+        scores = np.empty((len(prompts), len(labels)))
+        by_length: dict[int, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            by_length.setdefault(prompt.length, []).append(i)
+        for rows in by_length.values():
+            with timer("prefill"):
+                prefix = self.prefill([prompts[i].arrays for i in rows])
+            with timer("scoring"):
+                scores[rows] = self.label_nlls(prefix, label_ids)
+        return scores
+
+    def generate(self, prompt: Prompt, max_new_tokens: int, score_prefix: str | None = None,
+                 timer: StageTimer | None = None) -> tuple[list[int], np.ndarray | None]:
+        """Greedy tokens after the prompt (up to `max_new_tokens`, stopping after an EOS), and with
+        `score_prefix` the probabilities of the digits 1-5 right after prompt + prefix."""
+        timer = timer or StageTimer()
+        with timer("prefill"):
+            prefix = self.prefill([prompt.arrays])
+        digits = None
+        if score_prefix:
+            with timer("distribution"):
+                digits = self.digit_distributions(prefix, [self.token_ids(score_prefix, "score prefix")])[0]
+        with timer("decode"):
+            tokens = self.decode(prefix, [np.zeros(0, np.int64)], max_new_tokens)[0]
+        return tokens, digits
+
+    def generate_many(self, clips: list[Clip], texts: list[str], max_new_tokens: int, system: str | None = None,
+                      score_prefixes: list[str] | None = None, timer: StageTimer | None = None
+                      ) -> list[tuple[list[int], np.ndarray | None]]:
+        """`generate` for several texts about the same videos (a rubric's axes), with the videos
+        preprocessed, encoded and prefilled once.
+
+        The system prompt and videos come before each text, so the tokens they share are one
+        prefill (the full-attention KV cache and the linear-attention states); all texts then
+        continue from it as one batch (`decode`), and the score-prefix reads as another.
+        """
+        timer = timer or StageTimer()
+        if score_prefixes is not None and len(score_prefixes) != len(texts):
+            raise InputError(f"{len(score_prefixes)} score prefixes for {len(texts)} texts")
+        prefix, suffixes = self.prefill_shared(clips, texts, system, timer)
+        digits = [None] * len(texts)
+        if score_prefixes:
+            with timer("distribution"):
+                forced = [np.concatenate([s, self.token_ids(p, "score prefix")]) for s, p in zip(suffixes, score_prefixes)]
+                digits = self.digit_distributions(prefix, forced)
+        with timer("decode"):
+            tokens = self.decode(prefix, suffixes, max_new_tokens)
+        return list(zip(tokens, digits))
+
+    # -- operations ---------------------------------------------------------------------------
+    def prefill_shared(self, clips: list[Clip], texts: list[str], system: str | None = None,
+                       timer: StageTimer | None = None) -> tuple[Prefix, list[np.ndarray]]:
+        """Prefill the tokens that the prompts of several texts about the same videos share (the
+        videos preprocessed once); returns that prefix and each text's own suffix ids."""
+        timer = timer or StageTimer()
+        if not texts:
+            raise InputError("no texts to ask")
+        with timer("preprocess"):
+            prompts = [runtime_model.prompt_inputs(self.model, clips, t, system) for t in texts]
+            cut, suffixes = shared_prompt(prompts)
+            arrays = {k: v[..., :cut] if k in ("input_ids", "attention_mask", "position_ids") else v
+                      for k, v in prompts[0].items()}
+            arrays["pixel_values_videos"] = self._pixels(clips, arrays["video_grid_thw"])
+        with timer("prefill"):
+            return self.prefill([arrays]), suffixes
+
+    def _pixels(self, clips: list[Clip], grids: np.ndarray) -> np.ndarray:
+        """`pixel_values_videos` of the clips at their grids' sizes (what build_inputs computes)."""
+        vision = self.model.vision
+        pixels = np.empty((int(np.prod(grids, axis=1).sum()), vision.patch_dim), np.float32)
+        row = 0
+        for clip, (t, h, w) in zip(clips, grids.tolist()):
+            preprocess_video(clip.frames, (h * vision.patch_size, w * vision.patch_size), vision,
+                             out=pixels[row : row + t * h * w])
+            row += t * h * w
+        return pixels
+
+    def check_fits(self, batch: int, length: int) -> None:
+        """Refuse a request whose cache of `batch` x `length` tokens, with the weights, would not
+        fit the memory cap (with batch 0: the weights alone)."""
+        if self.cap_bytes is None:
+            return
+        need = (self.weights_bytes + cache_bytes(self.text_config, batch, length, self.float_bytes)) * WORKING_ROOM
+        if need > self.cap_bytes:
+            what = f"{batch} x {length} tokens need" if batch else "the weights need"
+            raise InputError(f"{self.model.path}: {what} about {need / GIB:.3g} GiB with working room, over the GPU "
+                             f"memory cap of {self.cap_bytes / GIB:.3g} GiB")
+
+    def _hidden(self, cache, ids: torch.Tensor, positions: torch.Tensor, attention_mask=None, **vision
+                ) -> torch.Tensor:
+        """Final-norm hidden states (B, S, hidden) of `ids` appended to `cache` (updated in place)."""
+        try:
+            return self.net.model(input_ids=ids, position_ids=positions, attention_mask=attention_mask,
+                                  past_key_values=cache, use_cache=True, **vision).last_hidden_state
+        except torch.OutOfMemoryError:
+            raise InputError(f"out of GPU memory for {ids.shape[0]} x {ids.shape[1]} tokens after "
+                             f"{cache.get_seq_length()} cached") from None
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.net.lm_head(hidden).float()
+
+    def _positions(self, start: torch.Tensor, count: int, deltas: torch.Tensor) -> torch.Tensor:
+        """(3, B, count) positions of text tokens at sequence indices start[b] .. start[b] + count - 1."""
+        index = start.view(-1, 1) + torch.arange(count, device=self.device).view(1, -1)
+        return (index + deltas.view(-1, 1)).unsqueeze(0).expand(3, -1, -1)
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[dict[str, np.ndarray]]) -> Prefix:
+        """Prompts of one token count (with their videos) as one batch, from an empty cache."""
+        from transformers import DynamicCache
+
+        if len({p["input_ids"].shape[1] for p in prompts}) != 1:
+            raise InputError("prompts of different lengths cannot share one prefill batch")
+        length = prompts[0]["input_ids"].shape[1]
+        self.check_fits(len(prompts), length)
+
+        def stack(key: str, axis: int = 0) -> torch.Tensor:
+            return torch.from_numpy(np.concatenate([p[key] for p in prompts], axis=axis)).to(self.device)
+
+        cache = DynamicCache(config=self.net.config)
+        hidden = self._hidden(cache, stack("input_ids"), stack("position_ids", axis=1),
+                              pixel_values_videos=stack("pixel_values_videos").to(self.net.dtype),
+                              video_grid_thw=stack("video_grid_thw"))
+        prefix = Prefix(cache, length, stack("rope_deltas").view(-1, 1), self._logits(hidden[:, -1]))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the stage timers measure the work, not its launch
+        return prefix
+
+    @torch.no_grad()
+    def continuation_logits(self, prefix: Prefix, rows: list[int], continuations: list[np.ndarray],
+                            ) -> list[torch.Tensor]:
+        """For continuation i of prefix row rows[i]: float32 logits (len_i + 1, vocab), predicted
+        by the prompt's last token and then by each continuation token.
+
+        One right-padded batch on a copy of the cache: exact for every real token (a pad only
+        affects positions after it), and the padded copy is dropped.
+        """
+        first = prefix.last_logits[rows]
+        width = max(len(c) for c in continuations)
+        if width == 0:
+            return [first[i : i + 1] for i in range(len(rows))]
+        self.check_fits(prefix.batch + len(rows), prefix.length + width)  # the prefix and its padded copy
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, c in enumerate(continuations):
+            ids[i, : len(c)] = torch.from_numpy(np.asarray(c, np.int64))
+        index = torch.tensor(rows, device=self.device)
+        start = torch.full((len(rows),), prefix.length, device=self.device)
+        hidden = self._hidden(select_rows(prefix.cache, index), ids.to(self.device),
+                              self._positions(start, width, prefix.rope_deltas[index]))
+        return [torch.cat([first[i : i + 1], self._logits(hidden[i, : len(c)])]) for i, c in enumerate(continuations)]
+
+    def label_nlls(self, prefix: Prefix, label_ids: list[np.ndarray]) -> np.ndarray:
+        """(prefix rows, labels) mean NLL per label token; every (row, label) pair in one batch,
+        each fed its label but the last token."""
+        pairs = [(row, i) for row in range(prefix.batch) for i in range(len(label_ids))]
+        logits = self.continuation_logits(prefix, [r for r, _ in pairs], [label_ids[i][:-1] for _, i in pairs])
+        nlls = np.empty((prefix.batch, len(label_ids)))
+        for (row, i), table in zip(pairs, logits):
+            logp = table.double().log_softmax(-1).cpu().numpy()
+            nlls[row, i] = -logp[np.arange(len(label_ids[i])), label_ids[i]].mean()
+        return nlls
+
+    def digit_distributions(self, prefix: Prefix, forced: list[np.ndarray]) -> list[np.ndarray]:
+        """Per forced continuation of prefix row 0: the probabilities of the digits 1-5 right after
+        it (a softmax over those five logits), all continuations as one batch."""
+        digit_ids = [self.model.prompter.encode(d) for d in DIGITS]
+        if any(len(ids) != 1 for ids in digit_ids):
+            raise InputError("the tokenizer does not encode each digit 1-5 as one token")
+        logits = self.continuation_logits(prefix, [0] * len(forced), forced)
+        out = []
+        for table in logits:
+            chosen = table[-1, [int(ids[0]) for ids in digit_ids]].double().cpu().numpy()
+            probs = np.exp(chosen - chosen.max())
+            out.append(probs / probs.sum())
+        return out
+
+    @torch.no_grad()
+    def decode(self, prefix: Prefix, suffixes: list[np.ndarray], max_new_tokens: int,
+               step_logits: list[list[torch.Tensor]] | None = None) -> list[list[int]]:
+        """Greedy tokens of prefix row 0 continued by each suffix, all rows as one batch, each
+        stopping after an EOS or `max_new_tokens`. `step_logits`, when given, receives each row's
+        (vocab,) logits per generated token.
+
+        Suffixes of one length are prefilled together (one forward per distinct length, no
+        padding), then merged into one batch; a shorter row's key/value holes are masked.
+        """
+        n, lengths = len(suffixes), [len(s) for s in suffixes]
+        total = prefix.length + max(lengths)
+        self.check_fits(1 + 2 * n, total + max_new_tokens)  # the prefix, the groups and their merge
+        caches, order, logits = [], [], []
+        for length in sorted(set(lengths)):
+            members = [i for i in range(n) if lengths[i] == length]
+            cache = select_rows(prefix.cache, torch.zeros(len(members), dtype=torch.long, device=self.device))
+            if length == 0:
+                logits.append(prefix.last_logits[[0] * len(members)])
+            else:
+                ids = torch.from_numpy(np.stack([np.asarray(suffixes[i], np.int64) for i in members])).to(self.device)
+                start = torch.full((len(members),), prefix.length, device=self.device)
+                hidden = self._hidden(cache, ids, self._positions(start, length, prefix.rope_deltas[[0] * len(members)]))
+                logits.append(self._logits(hidden[:, -1]))
+            caches.append(cache)
+            order += members  # batch row r continues suffix order[r]
+        cache = merge_rows(caches, total) if len(caches) > 1 else caches[0]
+        logits = torch.cat(logits)
+        seen = torch.tensor([prefix.length + lengths[i] for i in order], device=self.device)
+        # 1 for each row's real tokens, 0 for its holes; only needed when rows differ in length
+        mask = (torch.arange(total, device=self.device) < seen[:, None]).long() if len(caches) > 1 else None
+        deltas = prefix.rope_deltas[[0] * n]
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        done = [False] * n
+        for step in range(max_new_tokens):
+            chosen = logits.argmax(-1)
+            for r, token in enumerate(chosen.tolist()):  # one device sync per step
+                if not done[r]:
+                    tokens[order[r]].append(token)
+                    if step_logits is not None:
+                        step_logits[order[r]].append(logits[r])
+                    done[r] = token in self.eos_ids
+            if step == max_new_tokens - 1 or all(done):
+                break
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones((n, 1))], dim=1)
+            hidden = self._hidden(cache, chosen[:, None], self._positions(seen + step, 1, deltas), attention_mask=mask)
+            logits = self._logits(hidden[:, -1])
+        return tokens

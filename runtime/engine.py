@@ -1,0 +1,356 @@
+"""The judge engine on ONNX Runtime: candidate-label scoring, multi-view batches, a vision-group
+cache and greedy decoding. numpy + onnxruntime only: this ships to the robot.
+
+- Candidate labels: the shared prompt is prefilled once per view, its KV cache repeated once per
+  label on the device, and all labels run as one batch (one step for labels of up to two tokens). Shorter labels
+  are padded at the end; causal attention keeps every real label token blind to the padding, so
+  this equals scoring each label with its own full forward. Score = summed NLL / label token
+  count (lower is better).
+- Views: the views of one decision whose prompts have the same length run as one batch in the
+  vision encoder and the prefill; views of other lengths run one after another.
+- Vision cache: the vision graph runs one 2-frame group per batch row and no attention crosses
+  groups, so a group's outputs depend only on its frames and target size. They are cached (LRU),
+  and a sliding window re-encodes only its new groups.
+- GPU memory cap: before any session loads, and before each request, the weights on the device
+  (the graphs' files) plus the request's KV cache are estimated; over the cap is an InputError
+  naming the estimate, not an out-of-memory error halfway through a run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgejudge.errors import InputError
+from edgejudge.runtime import model as runtime_model
+from edgejudge.runtime.decoder import TextDecoder, decode_position_ids
+from edgejudge.runtime.preprocess import preprocess_video
+from edgejudge.runtime.video import Clip
+from edgejudge.runtime.vision import load_vision_encoder
+
+VISION_NAME = "vision.onnx"
+DIGITS = ("1", "2", "3", "4", "5")
+
+
+def execution_providers(device: str, gpu_mem_gb: float | None = None) -> list:
+    """ONNX Runtime providers for "cpu", "cuda" or "cuda:N": CUDA first, the CPU for any operator
+    CUDA lacks. `gpu_mem_gb` caps ORT's CUDA memory arena."""
+    import onnxruntime as ort
+
+    if device == "cpu":
+        if gpu_mem_gb is not None:
+            raise InputError("gpu_mem_gb applies to device 'cuda' only")
+        return ["CPUExecutionProvider"]
+    name, _, index = device.partition(":")
+    if name != "cuda" or (index and not index.isdigit()):
+        raise InputError(f"device {device!r}: expected cpu, cuda or cuda:N")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise InputError("device cuda needs onnxruntime-gpu (pip install 'edgejudge[gpu]')")
+    options = {"device_id": int(index or 0)}
+    if gpu_mem_gb is not None:
+        if not gpu_mem_gb > 0:
+            raise InputError(f"gpu_mem_gb must be positive, got {gpu_mem_gb}")
+        options["gpu_mem_limit"] = int(gpu_mem_gb * 2**30)
+    return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
+
+
+def device_weight_bytes(folder: Path) -> int:
+    """Bytes of the weights the sessions load onto the device: every graph with its external data,
+    plus the table a float LM head reads from an .npy (lm_head.npy, or embed.npy when tied; an
+    int8 head keeps its weights in lm_head.onnx.data)."""
+    files = [*folder.glob("*.onnx"), *folder.glob("*.onnx.data")]
+    if not (folder / "lm_head.onnx.data").is_file():
+        files.append(folder / ("lm_head.npy" if (folder / "lm_head.npy").is_file() else "embed.npy"))
+    return sum(f.stat().st_size for f in files)
+
+
+def check_gpu_memory(gpu_mem_gb: float | None, weight_bytes: int, kv_bytes: int = 0, request: str = "") -> None:
+    """InputError when weights + KV cache are estimated over the cap (activations not counted)."""
+    if gpu_mem_gb is not None and weight_bytes + kv_bytes > gpu_mem_gb * 2**30:
+        gib = 2**30
+        raise InputError(f"an estimated {(weight_bytes + kv_bytes) / gib:.3g} GiB on the GPU (weights "
+                         f"{weight_bytes / gib:.3g} GiB + KV cache {kv_bytes / gib:.3g} GiB{request}) is over "
+                         f"the {gpu_mem_gb:g} GiB cap")
+
+
+def generation_config(model: runtime_model.Model) -> dict:
+    path = model.path / "generation_config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def eos_token_ids(model: runtime_model.Model) -> set[int]:
+    """EOS ids from generation_config.json (int or list) and the tokenizer's eos_token."""
+    ids = {int(i) for i in np.atleast_1d(generation_config(model).get("eos_token_id") or [])}
+    if (token := model.prompter.special_tokens.get("eos_token")) is not None:
+        ids.add(model.prompter.token_id(token))
+    return ids
+
+
+def label_positions(arrays: dict, label_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """input_ids and (3, 1, S + L) positions of prompt + label: text after the prompt goes on at
+    index + rope delta on all three axes. (The per-label full-forward reference.)"""
+    prompt_len = arrays["input_ids"].shape[1]
+    ids = np.concatenate([arrays["input_ids"], label_ids[None]], axis=1)
+    positions = np.concatenate(
+        [arrays["position_ids"], decode_position_ids(prompt_len, len(label_ids), arrays["rope_deltas"])], axis=2)
+    return ids, positions
+
+
+def mean_nll(logits: np.ndarray, label_ids: np.ndarray) -> float:
+    """Mean NLL of `label_ids` given float logits at the positions that predict them."""
+    logits = logits.astype(np.float64)
+    logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+    return float(-logp[np.arange(len(label_ids)), label_ids].mean())
+
+
+class StageTimer:
+    """Wall time per stage in ms, summed when a stage runs more than once."""
+
+    def __init__(self):
+        self.ms: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.ms[stage] = self.ms.get(stage, 0.0) + (time.perf_counter() - start) * 1e3
+
+
+class VisionCache:
+    """Vision-encoder outputs per 2-frame group, the least recently used dropped first.
+
+    Key: sha1 of the group's raw uint8 frames, their shape, and the target size. Measured with
+    time.perf_counter on 64 frames of 224x224 (2 CPU cores): sha1 over the raw frames takes
+    5.2 ms; keying on the preprocessed patch rows instead would preprocess every frame first
+    (7.5 ms) and hash 4x the bytes (float32 rows: 20.6 ms). Raw keys also let a hit skip the
+    resize and patchify, so only new groups are preprocessed (0.23 ms per group).
+    """
+
+    def __init__(self, max_groups: int):
+        if max_groups < 0:
+            raise InputError(f"the vision cache holds max_groups >= 0 groups, not {max_groups}")
+        self.max_groups = max_groups
+        self.entries: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
+
+    @staticmethod
+    def key(frames: np.ndarray, size: tuple[int, int]) -> tuple:
+        return hashlib.sha1(np.ascontiguousarray(frames)).digest(), frames.shape, size
+
+    def get(self, key: tuple) -> dict[str, np.ndarray] | None:
+        outputs = self.entries.get(key)
+        if outputs is not None:
+            self.entries.move_to_end(key)
+        return outputs
+
+    def put(self, key: tuple, outputs: dict[str, np.ndarray]) -> None:
+        self.entries[key] = outputs
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.max_groups:
+            self.entries.popitem(last=False)
+
+
+@dataclass
+class Prompt:
+    """One prompt: its text side (`runtime.model.prompt_inputs`) and its sampled videos."""
+
+    arrays: dict[str, np.ndarray]
+    clips: list[Clip]
+
+    @property
+    def length(self) -> int:
+        return self.arrays["input_ids"].shape[1]
+
+
+class Engine:
+    """An ONNX artifact's vision encoder, text decoder and LM head, with the vision-group cache."""
+
+    def __init__(self, artifact_dir: str | Path, device: str = "cpu", gpu_mem_gb: float | None = None,
+                 cache_groups: int = 128, hf: str | None = None):
+        self.model = runtime_model.load(artifact_dir, hf=hf)  # checks the manifest's hashes
+        providers = execution_providers(device, gpu_mem_gb)
+        self.gpu_mem_gb = gpu_mem_gb
+        self.weight_bytes = device_weight_bytes(self.model.path)
+        check_gpu_memory(gpu_mem_gb, self.weight_bytes)
+        self.vision = load_vision_encoder(self.model.path / VISION_NAME, self.model.family_name, providers)
+        self.decoder = TextDecoder(self.model.path, providers)
+        self.cache = VisionCache(cache_groups)
+        self.groups_encoded = 0  # vision-graph batch rows run so far (cache misses)
+        self.eos_ids = eos_token_ids(self.model)
+        self.repetition_penalty = float(generation_config(self.model).get("repetition_penalty") or 1.0)
+
+    def prompt(self, clips: list[Clip], text: str, system: str | None = None) -> Prompt:
+        return Prompt(runtime_model.prompt_inputs(self.model, clips, text, system), clips)
+
+    def token_ids(self, text: str, what: str) -> np.ndarray:
+        ids = self.model.prompter.encode(text)
+        if not len(ids):
+            raise InputError(f"{what} {text!r} tokenizes to nothing")
+        return ids
+
+    # -- vision -------------------------------------------------------------------------------------
+    def visual(self, prompts: list[Prompt], timer: StageTimer) -> list[dict[str, np.ndarray]]:
+        """Per prompt, each output of the family's vision graph with groups and tokens merged in
+        the processor's order: `features` (N, out), and for Qwen3-VL `deepstack` (taps, N, out).
+        Cached groups are not re-encoded; all new groups of one target size run as one batch."""
+        pp = self.model.vision
+        tp, patch = pp.temporal_patch_size, pp.patch_size
+        have: dict[tuple, dict[str, np.ndarray]] = {}
+        missing: dict[tuple[int, int], dict[tuple, np.ndarray]] = {}  # size -> key -> frames
+        plans = []
+        with timer("preprocess"):
+            for prompt in prompts:
+                keys = []
+                for clip, (_, h, w) in zip(prompt.clips, prompt.arrays["video_grid_thw"].tolist()):
+                    size = (h * patch, w * patch)
+                    for start in range(0, len(clip.frames), tp):
+                        group = clip.frames[start:start + tp]
+                        key = VisionCache.key(group, size)
+                        keys.append(key)
+                        if key not in have:
+                            found = self.cache.get(key)
+                            if found is not None:
+                                have[key] = found
+                            else:  # a group repeated within this call is encoded once
+                                missing.setdefault(size, {})[key] = group
+                plans.append(keys)
+            batches = []
+            for (height, width), groups in missing.items():
+                h, w = height // patch, width // patch
+                patches = np.empty((len(groups), h * w, pp.patch_dim), np.float32)
+                for row, frames in zip(patches, groups.values()):
+                    preprocess_video(frames, (height, width), pp, out=row)
+                batches.append((list(groups), patches, h, w))
+        with timer("vision"):
+            for keys, patches, h, w in batches:
+                outputs = self.vision.run_groups(patches, h, w)
+                self.groups_encoded += len(keys)
+                for g, key in enumerate(keys):
+                    # np.take copies: an entry must not pin the whole batch's output in memory
+                    have[key] = {name: np.take(out, g, axis=axis)
+                                 for out, (name, axis, _) in zip(outputs, self.vision.outputs)}
+                    self.cache.put(key, have[key])
+        return [{name: np.concatenate([have[key][name] for key in keys], axis=axis)
+                 for name, axis, _ in self.vision.outputs} for keys in plans]
+
+    # -- decoder ------------------------------------------------------------------------------------
+    def check_memory(self, rows: int, tokens: int) -> None:
+        """Refuse a request whose KV cache (`rows` sequences of `tokens`) would not fit the GPU cap."""
+        check_gpu_memory(self.gpu_mem_gb, self.weight_bytes, self.decoder.kv_cache_bytes(rows, tokens),
+                         f" for {rows} x {tokens} tokens")
+
+    def prefill(self, prompts: list[Prompt], visual: list[dict[str, np.ndarray]], capacity: int):
+        """Prompts of one length as one batch, from an empty cache with room for `capacity` tokens:
+        the (B, S, hidden) hidden states as an OrtValue on the device."""
+        ids = np.concatenate([p.arrays["input_ids"] for p in prompts])
+        features = np.concatenate([v["features"] for v in visual])
+        taps = np.concatenate([v["deepstack"] for v in visual], axis=1) if "deepstack" in visual[0] else ()
+        embeds, deepstack = self.decoder.multimodal_embeds(ids, self.model.video_token_id, features, taps)
+        cos, sin = self.decoder.cos_sin(np.concatenate([p.arrays["position_ids"] for p in prompts], axis=1))
+        return self.decoder.prefill(embeds, cos, sin, deepstack, capacity=capacity, on_device=True)
+
+    def score_labels(self, prompts: list[Prompt], labels: tuple[str, ...], timer: StageTimer | None = None
+                     ) -> np.ndarray:
+        """(prompts, labels) mean NLL per label token. Prompts of the same length share one batch."""
+        timer = timer or StageTimer()
+        label_ids = [self.token_ids(label, "label") for label in labels]
+        width = max(len(ids) for ids in label_ids) - 1  # label tokens fed after the prompt
+        by_length: dict[int, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            by_length.setdefault(prompt.length, []).append(i)
+        for length, rows in by_length.items():  # at the peak: the prefill's cache and its copy per label
+            self.check_memory(len(rows) * (1 + len(labels) if width else 1), length + width)
+        visual = self.visual(prompts, timer)
+        scores = np.empty((len(prompts), len(labels)))
+        for length, rows in by_length.items():
+            with timer("prefill"):
+                hidden = self.prefill([prompts[i] for i in rows], [visual[i] for i in rows], length + width)
+            with timer("scoring"):
+                scores[rows] = self._score_batch(hidden, [prompts[i] for i in rows], label_ids)
+        return scores
+
+    def _score_batch(self, hidden, prompts: list[Prompt], label_ids: list[np.ndarray]) -> np.ndarray:
+        """Score every label after each prefilled prompt row (`hidden` the prefill's OrtValue): the
+        cache repeated per label (row b * L + l = prompt b, label l), every label but its last
+        token fed to all rows at once; the LM head reads the hidden states on the device."""
+        batch, length, num_labels = len(prompts), prompts[0].length, len(label_ids)
+        width = max(len(ids) for ids in label_ids) - 1
+        first = self.decoder.logits(hidden, slice(-1, None))[:, 0]  # each prompt's last position
+        rest = np.empty((batch * num_labels, width, self.decoder.vocab_size), np.float32)  # label positions
+        if width:
+            tokens = np.zeros((num_labels, width), np.int64)  # padding: any token, after the label
+            for l, ids in enumerate(label_ids):
+                tokens[l, :len(ids) - 1] = ids[:-1]
+            tokens = np.tile(tokens, (batch, 1))
+            self.decoder.repeat_cache(num_labels)
+            deltas = np.repeat(np.concatenate([p.arrays["rope_deltas"] for p in prompts]), num_labels, axis=0)
+            # ORT's GroupQueryAttention extends a cache by several tokens only for batch 1, so the
+            # rows advance one token per step: one step for labels of up to two tokens.
+            for j in range(width):
+                cos, sin = self.decoder.cos_sin(decode_position_ids(length + j, 1, deltas, batch * num_labels))
+                step = self.decoder.step(self.decoder.embed(tokens[:, j:j + 1]), cos, sin, on_device=True)
+                rest[:, j] = self.decoder.logits(step)[:, 0]
+        scores = np.empty((batch, num_labels))
+        for b in range(batch):
+            for l, ids in enumerate(label_ids):
+                own = rest[b * num_labels + l, :len(ids) - 1]  # the padding positions are not read
+                scores[b, l] = mean_nll(np.concatenate([first[b:b + 1], own]), ids)
+        return scores
+
+    def generate(self, prompt: Prompt, max_new_tokens: int, score_prefix: str | None = None,
+                 timer: StageTimer | None = None) -> tuple[list[int], np.ndarray | None]:
+        """Greedy tokens after the prompt (up to `max_new_tokens`, stopping after an EOS), and
+        with `score_prefix` the probabilities of the digits 1-5 right after prompt + prefix
+        (a softmax over those five logits)."""
+        timer = timer or StageTimer()
+        # the cache holds the prompt, then either the score prefix or the greedy tokens
+        prefix_length = len(self.token_ids(score_prefix, "score prefix")) if score_prefix else 0
+        capacity = prompt.length + max(max_new_tokens - 1, prefix_length)
+        self.check_memory(1, capacity)
+        visual = self.visual([prompt], timer)
+        with timer("prefill"):
+            hidden = self.prefill([prompt], visual, capacity)
+            first = self.decoder.logits(hidden, slice(-1, None))[0, -1]
+        digits = None
+        if score_prefix:
+            with timer("distribution"):
+                digits = self._digit_distribution(prompt, score_prefix)
+        with timer("decode"):
+            tokens = self.decoder.greedy(first, prompt.length, prompt.arrays["rope_deltas"], max_new_tokens,
+                                         sorted(self.eos_ids), repetition_penalty=self.repetition_penalty,
+                                         context_ids=prompt.arrays["input_ids"])
+        return tokens, digits
+
+    def generate_many(self, clips: list[Clip], texts: list[str], max_new_tokens: int, system: str | None = None,
+                      score_prefixes: list[str] | None = None, timer: StageTimer | None = None
+                      ) -> list[tuple[list[int], np.ndarray | None]]:
+        """`generate` for several texts about the same videos. On ONNX Runtime each text is its
+        own prefill for now (the vision groups come from the cache after the first); the shared
+        prefill of a rubric is the torch backend's (`edgejudge.torch_backend`)."""
+        prefixes = score_prefixes or [None] * len(texts)
+        return [self.generate(self.prompt(clips, text, system), max_new_tokens, prefix, timer)
+                for text, prefix in zip(texts, prefixes)]
+
+    def _digit_distribution(self, prompt: Prompt, prefix: str) -> np.ndarray:
+        """One step over the prefix on the prefilled prompt, then the cache is put back to the
+        prompt (`TextDecoder.restore`: the prefix's rows are ignored and overwritten by greedy)."""
+        digit_ids = [self.model.prompter.encode(d) for d in DIGITS]
+        if any(len(ids) != 1 for ids in digit_ids):
+            raise InputError("the tokenizer does not encode each digit 1-5 as one token")
+        prefix_ids = self.token_ids(prefix, "score prefix")
+        saved = self.decoder.snapshot()
+        cos, sin = self.decoder.cos_sin(decode_position_ids(prompt.length, len(prefix_ids), prompt.arrays["rope_deltas"]))
+        hidden = self.decoder.step(self.decoder.embed(prefix_ids[None]), cos, sin, on_device=True)
+        self.decoder.restore(saved)
+        last = self.decoder.logits(hidden, slice(-1, None))[0, -1]
+        logits = last[[int(ids[0]) for ids in digit_ids]].astype(np.float64)
+        probs = np.exp(logits - logits.max())
+        return probs / probs.sum()

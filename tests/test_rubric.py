@@ -1,0 +1,165 @@
+"""Whole rubric on one video prefill (PhyGround-style, tiny Qwen3.5, fp32, CPU).
+
+The system prompt and video are prefilled once (full-attention KV cache and the Gated DeltaNet
+conv/recurrent states), then all 16 axes continue from it as one batch. Proven equal to running
+each axis alone: HF `generate` on that axis's own full prompt gives the same greedy tokens (rows
+stopping at EOS at different steps), the same logits at every step (1e-4), and the same digit
+distribution at the score position. Prompts are written here (the real ones are user files).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgejudge.errors import InputError
+from edgejudge.export.fixtures import tiny_model_dir
+from edgejudge.runtime import model as runtime_model
+from edgejudge.runtime.engine import DIGITS
+from edgejudge.runtime.video import read_video
+from edgejudge.torch_backend import TorchEngine, shared_prompt
+
+SYSTEM = "You grade generated videos for physical plausibility. Reply with one JSON object."
+CAPTION = "A red rubber ball rolls off a wooden table, bounces twice on the tiles and stops."
+# 16 axes of different lengths; "gravity" / "gravitational pull" share characters past the point
+# where their tokens differ, so a character-level split would cut a token.
+AXES = (
+    "gravity", "gravitational pull", "momentum", "collision response", "friction on the floor", "elasticity",
+    "object permanence", "shadow consistency", "rigid body shape", "fluid behaviour", "energy conservation",
+    "support and balance", "material appearance over time", "motion continuity between frames",
+    "contact timing", "scale and perspective",
+)
+MAX_NEW_TOKENS = 64
+
+
+def axis_text(axis: str) -> str:
+    return f"Caption: {CAPTION}\nAxis: {axis}\nHow plausible is the video on this axis, from 1 to 5?"
+
+
+def score_prefix(axis: str) -> str:
+    return f'{{"{axis}": '
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models are overhead-bound: one torch thread is faster, and far faster on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return TorchEngine(tiny_model_dir("qwen3_5"))
+
+
+@pytest.fixture(scope="module")
+def clip():
+    frames = np.random.default_rng(5).integers(0, 256, (6, 64, 96, 3), dtype=np.uint8)
+    return read_video(frames, fps=2.0)
+
+
+def hf_generate(engine: TorchEngine, arrays: dict) -> tuple[list[int], list[torch.Tensor]]:
+    """HF `generate` on one axis's own full prompt: greedy tokens and each step's logits."""
+    ids = torch.from_numpy(arrays["input_ids"])
+    eos = sorted(engine.eos_ids)
+    out = engine.net.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids),
+        pixel_values_videos=torch.from_numpy(arrays["pixel_values_videos"]),
+        video_grid_thw=torch.from_numpy(arrays["video_grid_thw"]),
+        mm_token_type_ids=(ids == engine.model.video_token_id).long() * 2,
+        max_new_tokens=MAX_NEW_TOKENS, do_sample=False, eos_token_id=eos, pad_token_id=eos[0],
+        output_logits=True, return_dict_in_generate=True)
+    return out.sequences[0, ids.shape[1]:].tolist(), [step[0].float() for step in out.logits]
+
+
+def hf_digits(engine: TorchEngine, arrays: dict, prefix: str) -> np.ndarray:
+    """Softmax over the digits 1-5 after the axis's full prompt + score prefix, one HF forward."""
+    extra = engine.model.prompter.encode(prefix)
+    ids = torch.from_numpy(np.concatenate([arrays["input_ids"][0], extra]))[None]
+    with torch.no_grad():
+        logits = engine.net(input_ids=ids, pixel_values_videos=torch.from_numpy(arrays["pixel_values_videos"]),
+                            video_grid_thw=torch.from_numpy(arrays["video_grid_thw"]),
+                            mm_token_type_ids=(ids == engine.model.video_token_id).long() * 2).logits[0, -1]
+    chosen = logits[[int(engine.model.prompter.encode(d)[0]) for d in DIGITS]].double()
+    return chosen.softmax(-1).numpy()
+
+
+def test_split_is_on_a_shared_token_boundary(engine, clip):
+    model = engine.model
+    prompts = [runtime_model.prompt_inputs(model, [clip], axis_text(a), SYSTEM) for a in AXES]
+    cut, suffixes = shared_prompt(prompts)
+    for prompt, suffix in zip(prompts, suffixes):  # each prompt is exactly its own tokens, split
+        np.testing.assert_array_equal(np.concatenate([prompts[0]["input_ids"][0, :cut], suffix]), prompt["input_ids"][0])
+    assert len({len(s) for s in suffixes}) >= 5  # many suffix lengths: the grouping is exercised
+    # The trap is real: "gravity" and "gravitational pull" share characters ("gravit") past their
+    # last shared token, and cutting in character space would tokenize the prefix differently.
+    a, b = (runtime_model.prompt_inputs(model, [clip], axis_text(x), SYSTEM) for x in ("gravity", "gravitational pull"))
+    cut_ab, _ = shared_prompt([a, b])
+    text_a, text_b = (model.prompter.decode(p["input_ids"][0].tolist(), skip_special_tokens=False) for p in (a, b))
+    diverge = next(i for i, (x, y) in enumerate(zip(text_a, text_b)) if x != y)
+    shared_text = model.prompter.decode(a["input_ids"][0, :cut_ab].tolist(), skip_special_tokens=False)
+    assert text_a.startswith(shared_text) and len(shared_text) < diverge
+    by_chars = model.prompter.encode(text_a[:diverge])
+    assert not np.array_equal(by_chars, a["input_ids"][0, : len(by_chars)])
+
+
+def test_rubric_equals_each_axis_alone(engine, clip, monkeypatch):
+    model = engine.model
+    texts = [axis_text(a) for a in AXES]
+    prefix, suffixes = engine.prefill_shared([clip], texts, SYSTEM)
+    # The random tiny model never emits its real EOS: add a token it does emit, the one that
+    # spreads the rows' stop steps most, so rows stop at EOS at different steps.
+    first = engine.decode(prefix, suffixes, 32)  # the prefix is reused below: decode works on copies
+
+    def stop_steps(token: int) -> list[int]:
+        return [t.index(token) + 1 if token in t else MAX_NEW_TOKENS for t in first]
+
+    stop_token = max(sorted({tok for t in first for tok in t}),
+                     key=lambda tok: (len(set(stop_steps(tok))), -sum(stop_steps(tok))))
+    monkeypatch.setattr(engine, "eos_ids", engine.eos_ids | {stop_token})
+    step_logits = [[] for _ in AXES]
+    tokens = engine.decode(prefix, suffixes, MAX_NEW_TOKENS, step_logits)
+
+    worst_logit, worst_digit = 0.0, 0.0
+    digits = engine.digit_distributions(prefix, [np.concatenate([s, model.prompter.encode(score_prefix(a))])
+                                                 for s, a in zip(suffixes, AXES)])
+    for text, axis, row_tokens, row_logits, row_digits in zip(texts, AXES, tokens, step_logits, digits):
+        arrays = runtime_model.build_inputs(model, [clip], text, SYSTEM)
+        ref_tokens, ref_logits = hf_generate(engine, arrays)
+        assert row_tokens == ref_tokens, axis
+        worst_logit = max(worst_logit, max((a - b).abs().max().item() for a, b in zip(row_logits, ref_logits)))
+        worst_digit = max(worst_digit, np.abs(row_digits - hf_digits(engine, arrays, score_prefix(axis))).max())
+    steps = sorted({len(t) for t in tokens})
+    print(f"16 axes vs each alone: max |dlogit| {worst_logit:.1e}, max |dp(digit)| {worst_digit:.1e}, stops {steps}")
+    assert worst_logit <= 1e-4 and worst_digit <= 1e-5
+    assert len(steps) >= 3 and steps[0] < MAX_NEW_TOKENS  # rows stopped at EOS at different steps
+
+    # generate_many runs exactly this: the prefix once, the score reads as one batch, one forward
+    # per suffix length, then all axes decode together.
+    calls = []
+    hidden = engine._hidden
+    monkeypatch.setattr(engine, "_hidden", lambda cache, ids, *a, **k: calls.append(tuple(ids.shape)) or
+                        hidden(cache, ids, *a, **k))
+    results = engine.generate_many([clip], texts, MAX_NEW_TOKENS, SYSTEM, [score_prefix(a) for a in AXES])
+    assert [t for t, _ in results] == tokens
+    np.testing.assert_array_equal(np.array([d for _, d in results]), np.array(digits))
+    lengths = sorted({len(s) for s in suffixes})
+    assert calls[0] == (1, prefix.length)
+    assert calls[1][0] == len(AXES)
+    assert sorted(c[1] for c in calls[2 : 2 + len(lengths)]) == lengths
+    assert calls[2 + len(lengths):] == [(len(AXES), 1)] * (max(map(len, tokens)) - 1)
+
+
+def test_duplicate_and_single_texts(engine, clip):
+    """A text asked twice keeps a one-token suffix; one text alone equals `generate`."""
+    text = axis_text("gravity")
+    twice = engine.generate_many([clip], [text, text], 12, SYSTEM, score_prefixes=[score_prefix("gravity")] * 2)
+    alone = engine.generate(engine.prompt([clip], text, SYSTEM), 12, score_prefix("gravity"))
+    for tokens, digits in twice:
+        assert tokens == alone[0]
+        np.testing.assert_allclose(digits, alone[1], atol=1e-6)
+    with pytest.raises(InputError, match="no texts"):
+        engine.generate_many([clip], [], 12, SYSTEM)
