@@ -7,6 +7,7 @@ exit code 2; anything else that fails is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -77,11 +78,8 @@ def _cmd_fixtures(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    import logging
     import warnings
 
-    # bitsandbytes logs, on import, that an optional CPU kernel from a hub is not installed.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
     from edgejudge.specs import get_spec
@@ -110,10 +108,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     import json
-    import logging
     import warnings
 
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.simplefilter("ignore")
     from edgejudge.export.verify import verify
     from edgejudge.manifest import read_manifest
@@ -321,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.verb == "inputs" and not args.print_prompt and not args.dump:
         parser.error("inputs needs --dump FILE.npz (or --print-prompt)")
+    # bitsandbytes logs, when transformers imports it, that an optional CPU kernel from a hub is
+    # not installed: noise for every torch-side verb
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         return args.run(args)
     except InputError as e:

@@ -20,6 +20,8 @@ from edgejudge.runtime.engine import DIGITS
 from edgejudge.runtime.video import read_video
 from edgejudge.torch_backend import TorchEngine, shared_prompt
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SYSTEM = "You grade generated videos for physical plausibility. Reply with one JSON object."
 CAPTION = "A red rubber ball rolls off a wooden table, bounces twice on the tiles and stops."
 # 16 axes of different lengths; "gravity" / "gravitational pull" share characters past the point
@@ -39,15 +41,6 @@ def axis_text(axis: str) -> str:
 
 def score_prefix(axis: str) -> str:
     return f'{{"{axis}": '
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are overhead-bound: one torch thread is faster, and far faster on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

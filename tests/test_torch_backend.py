@@ -30,6 +30,8 @@ from edgejudge.runtime.video import read_video
 from edgejudge.specs import JudgeSpec, get_spec
 from edgejudge.torch_backend import TorchEngine, cache_bytes, select_rows, weight_bytes
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ROBOCASA = get_spec("robocasa-completion")
 INSTRUCTION = "Place the red block in the box."
 TEXT = ROBOCASA.user_text.format(instruction=INSTRUCTION)
@@ -43,15 +45,6 @@ SCORE_SPEC = JudgeSpec(
 
 def frames(seed: int, count: int = 4, height: int = 64, width: int = 96) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (count, height, width, 3), dtype=np.uint8)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are overhead-bound: one torch thread is faster, and far faster on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
