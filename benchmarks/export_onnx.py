@@ -3,11 +3,12 @@
     python benchmarks/export_onnx.py --preset qwen3-vl-4b-instruct --precision fp16|int4|... \
         --tokenizers DIR [--work /tmp/ej] [--time-views 2 --time-frames 64]
 
-One precision per call (the work folder keeps the base model and the HF reference NLLs between
-calls). Reports the export time, the decoder's bytes against its linear weights in fp16
-(parameters x 2), and the RoboCasa candidate-label NLLs of the artifact, run by the runtime's
-engine on ONNX Runtime's CUDA execution provider, against HF in fp32 on the GPU (TF32 off) for a
-short clip. Random weights: a parity check of the graphs at full size, not an accuracy figure.
+One precision per call (the work folder keeps the base model, the artifacts and the HF reference
+between calls; an artifact already there is reused, its export time then reported as null). Reports the export time, the decoder's bytes against its linear weights in fp16
+(parameters x 2), and the RoboCasa candidate-label NLLs and 16 greedy tokens of the artifact, run
+by the runtime's engine on ONNX Runtime's CUDA execution provider, against HF in fp32 on the GPU
+(TF32 off) for a short clip. Random weights: a parity check of the graphs at full size, not an
+accuracy figure.
 With --time-views, also the latency of `Judge.check` (W1's shape: views x frames at 224x224).
 """
 
@@ -32,6 +33,7 @@ from edgejudge.specs import get_spec
 
 SPEC = get_spec("robocasa-completion")
 TEXT = SPEC.user_text.format(instruction="Place the red block in the box.")
+GREEDY_STEPS = 16
 
 
 def clip_arrays(model, frames: int):
@@ -40,18 +42,26 @@ def clip_arrays(model, frames: int):
     return clip, runtime_model.build_inputs(model, [clip], TEXT)
 
 
-def reference_nll(base: Path, work: Path, frames: int, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+def reference_nll(base: Path, work: Path, frames: int, dtype: torch.dtype = torch.float32) -> dict:
     """HF on the GPU (fp32: the reference; fp16: HF's own fp16 error, the floor an fp16 artifact
-    is compared with), cached in the work folder (one reference for every precision)."""
+    is compared with): the label NLLs and GREEDY_STEPS greedy tokens, cached in the work folder
+    (one reference for every precision)."""
     path = work / f"reference-{frames}-{str(dtype).split('.')[-1]}.json"
     if not path.is_file():
         reference = reference_scorer(base, None, device="cuda", dtype=dtype)
         model = runtime_model.load(base)
-        path.write_text(json.dumps(reference(model, clip_arrays(model, frames)[1], SPEC.labels)))
+        arrays = clip_arrays(model, frames)[1]
+        path.write_text(json.dumps({"nll": reference(model, arrays, SPEC.labels),
+                                    "greedy": reference.greedy(model, arrays, GREEDY_STEPS)}))
         del reference
         gc.collect()
         torch.cuda.empty_cache()
     return json.loads(path.read_text())
+
+
+def same_steps(tokens: list[int], reference: list[int]) -> int:
+    """How many greedy steps agree before the first different token."""
+    return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
 
 
 def decoder_linear_params(base: Path) -> int:
@@ -102,21 +112,26 @@ def main() -> None:
         write_preset_model_dir(args.preset, base, tokenizer_dir=Path(args.tokenizers) / args.preset, device="cuda")
     options = {k: int(v) if v.isdigit() else v for k, v in (o.split("=", 1) for o in args.option)}
     name = "-".join([args.precision] + [f"{k}{v}" for k, v in options.items()])
-    start = time.perf_counter()
-    out = export_onnx(base, None, args.precision, work / name, block_size=args.block_size, device="cuda", **options)
-    export_s = time.perf_counter() - start
+    out, export_s = work / name, None
+    if not (out / "edgejudge.json").is_file():  # an artifact exported by an earlier call is reused
+        start = time.perf_counter()
+        export_onnx(base, None, args.precision, out, block_size=args.block_size, device="cuda", **options)
+        export_s = round(time.perf_counter() - start, 1)
     gc.collect()
     torch.cuda.empty_cache()
-    ref = reference_nll(base, work, args.frames)
-    hf_fp16 = reference_nll(base, work, args.frames, torch.float16)
+    reference = reference_nll(base, work, args.frames)
+    hf_fp16_run = reference_nll(base, work, args.frames, torch.float16)
+    hf_fp16 = hf_fp16_run["nll"]
+    ref = reference["nll"]
     engine = Engine(out, device="cuda")
     clip, arrays = clip_arrays(engine.model, args.frames)
     scores = engine.score_labels([engine.prompt([clip], TEXT)], SPEC.labels)[0]
     ours = dict(zip(SPEC.labels, scores.tolist()))
+    greedy = engine.generate(engine.prompt([clip], TEXT), GREEDY_STEPS)[0]
     decoder_bytes = (out / "decoder.onnx.data").stat().st_size
     report = {
         "preset": args.preset, "artifact": name, "frames": args.frames,
-        "export_s": round(export_s, 1), "decoder_data_gib": round(decoder_bytes / 2**30, 3),
+        "export_s": export_s, "decoder_data_gib": round(decoder_bytes / 2**30, 3),
         "decoder_vs_fp16_linears": round(decoder_bytes / (2 * decoder_linear_params(base)), 3),
         "artifact_gib": round(sum(p.stat().st_size for p in out.iterdir()) / 2**30, 2),
         "prompt_tokens": int(arrays["input_ids"].shape[1]),
@@ -124,6 +139,10 @@ def main() -> None:
         "max_abs_nll_diff": max(abs(ours[k] - ref[k]) for k in SPEC.labels),
         "hf_fp16_max_abs_nll_diff": max(abs(hf_fp16[k] - ref[k]) for k in SPEC.labels),
         "same_decision": min(ours, key=ours.get) == min(ref, key=ref.get),
+        "greedy_tokens": greedy, "hf_fp32_greedy_tokens": reference["greedy"],
+        "greedy_same_steps": same_steps(greedy, reference["greedy"]),
+        # HF's own fp16 run against its fp32 run: how far greedy stays equal on these weights at all
+        "hf_fp16_greedy_same_steps": same_steps(hf_fp16_run["greedy"], reference["greedy"]),
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
     }
     import onnxruntime

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -35,7 +36,7 @@ from pathlib import Path
 
 from edgejudge.errors import InputError
 from edgejudge.jsonl import json_objects
-from edgejudge.specs import JudgeSpec, get_spec
+from edgejudge.specs import JudgeSpec, compose_prompt, get_spec, read_prompts
 
 
 @dataclass(frozen=True)
@@ -147,14 +148,19 @@ def _job(where: str, row: dict, spec: JudgeSpec, folder: Path) -> Job:
 
 # -- results file --------------------------------------------------------------------------------
 
-def run_fingerprint(artifact: str | Path, spec: JudgeSpec, sample: str, fps: float | None, hf: str | None) -> str:
+def run_fingerprint(artifact: str | Path, spec: JudgeSpec, sample: str, fps: float | None, hf: str | None,
+                    prompts: dict | None = None) -> str:
     """What makes two runs' results comparable, as one short string every row carries: the
     artifact's manifest hash (the manifest holds every file's sha256, so its own hash names the
-    weights exactly), the spec, and the frames the judge sees."""
+    weights exactly), the spec, the prompt texts read from the user's files, and the frames the
+    judge sees."""
     from edgejudge.manifest import MANIFEST_NAME, read_manifest, sha256_file
 
     read_manifest(Path(artifact))  # a clear error for a folder that is not an artifact
     parts = [sha256_file(Path(artifact) / MANIFEST_NAME)[:16], spec.name, sample]
+    if prompts is not None:
+        texts = json.dumps(prompts, sort_keys=True, ensure_ascii=False).encode()
+        parts.append("prompts=" + hashlib.sha256(texts).hexdigest()[:16])
     return " ".join(parts + ([f"fps={fps:g}"] if fps else []) + ([f"hf={hf}"] if hf else []))
 
 
@@ -260,12 +266,13 @@ def decide_rows(decide: Decide, jobs: list[Job]) -> list[dict]:
 
 
 def judge_decider(artifact: str | Path, spec_name: str, sample: str, fps: float | None, hf: str | None,
-                  device: str) -> Decide:
+                  device: str, prompt_dir: str | None = None) -> Decide:
     """The artifact's judge as a Decide. Module-level and built from plain values, so that a Ray
     worker can construct it from a pickled `partial`."""
     from edgejudge.judge import Judge
 
-    return partial(_judge_jobs, Judge.load(artifact, spec=spec_name, device=device, hf=hf), sample, fps)
+    judge = Judge.load(artifact, spec=spec_name, device=device, hf=hf, prompt_dir=prompt_dir)
+    return partial(_judge_jobs, judge, sample, fps)
 
 
 def _judge_jobs(judge, sample: str, fps: float | None, jobs: list[Job]) -> list:
@@ -273,7 +280,6 @@ def _judge_jobs(judge, sample: str, fps: float | None, jobs: list[Job]) -> list:
     in one engine call, where prompts of one length share a batch; each decision is the mean over
     its views, as in `Judge.check`. Judges that answer in text decode one job at a time.
     Videos are read per job, so an unreadable one fails only its job."""
-    from edgejudge.judge import spec_text
     from edgejudge.runtime.model import sample_clip
     from edgejudge.runtime.video import read_video
 
@@ -284,8 +290,8 @@ def _judge_jobs(judge, sample: str, fps: float | None, jobs: list[Job]) -> list:
         try:
             clips = [read_video(v, fps=fps if v.endswith(".npy") else None) for v in job.videos]
             if spec.answer == "labels":
-                text = spec_text(spec, job.fields)
-                prompts[i] = [engine.prompt([sample_clip(engine.model, clip, sample)], text) for clip in clips]
+                system, text = judge.compose(job.fields)
+                prompts[i] = [engine.prompt([sample_clip(engine.model, clip, sample)], text, system) for clip in clips]
             else:
                 outcomes[i] = _row(judge.ask(clips[0], sample=sample, **job.fields).to_dict())
         except Exception as error:
@@ -518,7 +524,6 @@ def run_jobs(jobs: list[Job], results: ResultsFile, rows: Callable[[Iterable[lis
 def run_command(args: argparse.Namespace) -> int:
     """`edgejudge run`: everything is checked (jobs, artifact, output file, filter) before the
     judge loads, so a mistake costs seconds, not a model load."""
-    from edgejudge.judge import spec_text
     from edgejudge.manifest import read_manifest
     from edgejudge.runtime.video import parse_sample
 
@@ -535,15 +540,17 @@ def run_command(args: argparse.Namespace) -> int:
     sample = args.sample or spec.sample
     jobs = read_jobs(args.input, spec)
     # Mistakes that would fail every job fail here instead.
-    spec_text(spec, jobs[0].fields)
+    prompt_dir = str(Path(args.prompt_dir or args.artifact).resolve())
+    prompts = read_prompts(spec, prompt_dir) if spec.prompt_sources else None
+    compose_prompt(spec, jobs[0].fields, prompts)
     arrays = any(v.endswith(".npy") for job in jobs for v in job.videos)
     if parse_sample(sample).kind == "fps" and args.fps is None and arrays:
         raise InputError(f"--sample {sample} needs the frame rate of the .npy videos: pass --fps")
-    results = ResultsFile(args.out, run_fingerprint(args.artifact, spec, sample, args.fps, args.hf), args.resume)
+    results = ResultsFile(args.out, run_fingerprint(args.artifact, spec, sample, args.fps, args.hf, prompts), args.resume)
     try:
         gpu_workers = args.ray is not None and args.num_gpus_per_worker > 0
         load = partial(judge_decider, str(Path(args.artifact).resolve()), spec.name, sample, args.fps, args.hf,
-                       args.device or ("cuda" if gpu_workers else "cpu"))
+                       args.device or ("cuda" if gpu_workers else "cpu"), prompt_dir)
         if args.ray is None:
             rows = partial(local_rows, load)
         else:

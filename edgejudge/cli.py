@@ -141,25 +141,31 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_judge(args: argparse.Namespace) -> int:
     import json
 
-    from edgejudge.judge import Judge, spec_text
+    from edgejudge.judge import Judge, check_family
     from edgejudge.manifest import read_manifest
     from edgejudge.runtime import model as runtime_model
     from edgejudge.runtime.video import read_video
-    from edgejudge.specs import get_spec
+    from edgejudge.specs import compose_prompt, get_spec, read_prompts, rubric_axes
 
     name = args.spec or read_manifest(Path(args.artifact)).judge_spec
     if not name:
         raise InputError(f"{args.artifact} records no judge spec: pass --spec")
     spec = get_spec(name)
     fields = {f: getattr(args, f) for f in ("instruction", "caption") if getattr(args, f) is not None}
-    if args.axis:
-        fields["axis"] = args.axis[0]
-    unknown = sorted(set(fields) - set(spec.fields))
+    unknown = sorted((set(fields) | ({"axis"} if args.axis else set())) - set(spec.fields))
     if unknown:
-        raise InputError(f"spec {spec.name} takes {', '.join('--' + f for f in spec.fields)}; not --{', --'.join(unknown)}")
+        takes = ", ".join("--" + f for f in spec.fields) or "no text fields"
+        raise InputError(f"spec {spec.name} takes {takes}; not --{', --'.join(unknown)}")
+    check_family(Path(args.artifact), spec)
+    prompts = read_prompts(spec, args.prompt_dir or args.artifact) if spec.prompt_sources else None
+    # A rubric judge answers every axis its prompt files define unless --axis picks some.
+    axes = args.axis or (rubric_axes(spec, prompts) if "axis" in spec.fields and prompts is not None else [])
+    questions = [{**fields, "axis": axis} for axis in axes] or [fields]
+    composed = [compose_prompt(spec, question, prompts) for question in questions]
     if args.print_prompt:
         model = runtime_model.load(Path(args.artifact), hf=args.hf)
-        print(runtime_model.render_prompt(model, 1, spec_text(spec, fields)), end="")
+        for system, text in composed:
+            print(runtime_model.render_prompt(model, 1, text, system), end="")
         return 0
     if bool(args.video) == bool(args.view):
         raise InputError("pass the videos with --video V (in the spec's view order) or with --view NAME=V, one of the two")
@@ -178,7 +184,11 @@ def _cmd_judge(args: argparse.Namespace) -> int:
     else:
         sources = {path: path for path in args.video}
     clips = {n: read_video(path, fps=_array_fps(path, args.fps)) for n, path in sources.items()}
-    judge = Judge.load(Path(args.artifact), spec, device=args.device, gpu_mem_gb=args.gpu_mem_gb, hf=args.hf)
+    judge = Judge.load(Path(args.artifact), spec, device=args.device, gpu_mem_gb=args.gpu_mem_gb, hf=args.hf,
+                       prompt_dir=args.prompt_dir)
+    if spec.answer == "pairwise_tags":
+        return _compare(judge, [clips[path] for path in args.video] if args.video else list(clips.values()),
+                        fields.get("caption"), args.stream)
     if spec.answer == "labels":
         decision = judge.check(fields.get("instruction"), clips, sample=args.sample)
         print(json.dumps(decision.to_dict()) if args.json else
@@ -188,12 +198,35 @@ def _cmd_judge(args: argparse.Namespace) -> int:
     if len(clips) != 1:
         raise InputError(f"spec {spec.name} judges one video per decision; got {len(clips)}")
     (clip,) = clips.values()
-    for axis in args.axis or [None]:
-        answer = judge.ask(clip, sample=args.sample, **{**fields, **({"axis": axis} if axis else {})})
+    answers = judge.ask_many(clip, questions, sample=args.sample)
+    for axis, answer in zip(axes or [None], answers):
         score = answer.parsed.score if answer.parsed.ok else f"unparseable ({answer.parsed.reason})"
         expected = "" if answer.expected is None else f", expected {answer.expected:.2f}"
         print(json.dumps(answer.to_dict(key=axis)) if args.json else
               f"{axis + ': ' if axis else ''}{score}{expected}; raw {answer.text!r}")
+    return 0
+
+
+def _compare(judge, videos: list, caption: str | None, stream: bool) -> int:
+    """A pairwise judge's comparison as one JSON line; `stream` writes each reply's text to stderr
+    as it is decoded, under a [turn N] line (stdout stays one JSON line)."""
+    import json
+
+    if len(videos) != 2:
+        raise InputError(f"spec {judge.spec.name} compares two videos: pass --video twice (got {len(videos)})")
+    turn_shown = [0]
+
+    def show(turn: int, text: str) -> None:
+        if turn != turn_shown[0]:
+            sys.stderr.write(("\n" if turn_shown[0] else "") + f"[turn {turn}]\n")
+            turn_shown[0] = turn
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+    result = judge.compare(*videos, caption=caption, stream=show if stream else None)
+    if turn_shown[0]:
+        sys.stderr.write("\n")
+    print(json.dumps(result.to_dict()))
     return 0
 
 
@@ -218,6 +251,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from edgejudge.batch import run_command
 
     return run_command(args)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from edgejudge.bench import run
+
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,10 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--view", action="append", help="NAME=VIDEO: a named view of the decision; repeatable")
     p.add_argument("--instruction", help="the instruction text, for specs that take one")
     p.add_argument("--caption", help="the caption text, for specs that take one")
-    p.add_argument("--axis", action="append", help="the rubric axis, for specs that take one; repeat for several")
+    p.add_argument("--axis", action="append",
+                   help="a rubric axis, for specs that take one; repeat for several (default: every axis of the rubric)")
+    p.add_argument("--prompt-dir", help="the folder of the prompt files a spec reads (default: the artifact folder)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--gpu-mem-gb", type=float, help="cap on ONNX Runtime's CUDA memory")
     p.add_argument("--json", action="store_true", help="print one JSON object per decision (per axis)")
+    p.add_argument("--stream", action="store_true",
+                   help="pairwise judges (two --video): print each reply's reasoning to stderr as it is decoded")
     p.add_argument("--print-prompt", action="store_true",
                    help="print the prompt as the chat template renders it (before video expansion) and exit")
     _add_video_options(p)
@@ -301,8 +344,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="spread the jobs over Ray workers (a cluster ADDRESS, or none: local / $RAY_ADDRESS)")
     p.add_argument("--num-gpus-per-worker", type=float, default=1, help="--ray: GPUs per judge worker (0: CPU)")
     p.add_argument("--workers", type=int, help="--ray: judge workers (default: one per --num-gpus-per-worker GPUs)")
+    p.add_argument("--prompt-dir", help="the folder of the prompt files a spec reads (default: the artifact folder)")
     _add_video_options(p)
     p.set_defaults(run=_cmd_run, sample=None)
+
+    p = verbs.add_parser("bench", help="time the seed workloads stage by stage on edgejudge and on the HF recipe")
+    p.add_argument("--workload", default="all", help="W1, W2, W3, W4, a comma list, or all (default)")
+    p.add_argument("--preset", default="full", help="full (each workload's real model), its preset name, or tiny")
+    p.add_argument("--random-weights", action="store_true", help="full-size presets: time random weights of the real shapes")
+    p.add_argument("--artifact", help="time your own artifact (ONNX or bnb) on its workload, at its own precision")
+    p.add_argument("--reference", help="--artifact: its base model, for the HF baseline")
+    p.add_argument("--adapter", help="--artifact: the LoRA adapter the baseline applies unmerged")
+    p.add_argument("--precision", help="edgejudge setups: fp32, fp16, int4, nf4, a comma list, or none "
+                   "(default fp16,int4,nf4 on a GPU, fp32 on the CPU)")
+    p.add_argument("--baseline", help="hf, hf-nf4, a comma list, or none (default: each workload's seed recipes)")
+    p.add_argument("--gpu-mem-gb", type=float, help="refuse, before loading, what is estimated over this; cap the rest")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when a GPU is there)")
+    p.add_argument("--runs", type=int, default=20, help="timed runs after warm-up (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
+    p.add_argument("--cache", help="keeps bases, adapters, artifacts and clips between calls "
+                   "(default $EDGEJUDGE_CACHE/bench, else ~/.cache/edgejudge/bench)")
+    p.add_argument("--tokenizers", help="folder holding <preset>/tokenizer.json (default: $EDGEJUDGE_TOKENIZERS, "
+                   "../shared/models)")
+    p.add_argument("--out", required=True, help="results.json (merged with an earlier one there), results.md, results.png")
+    p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON", help="only merge earlier runs' results.json into --out")
+    p.set_defaults(run=_cmd_bench)
 
     p = verbs.add_parser("fixtures", help="build tiny random reference models, LoRA adapters and a demo clip")
     p.add_argument("--out", required=True, help="folder to write <family>/ and <family>-lora/ into")

@@ -23,27 +23,23 @@ from edgejudge.manifest import MANIFEST_NAME, read_manifest
 from edgejudge.runtime.engine import DIGITS, Engine, Prompt, StageTimer
 from edgejudge.runtime.model import read_config, sample_clip
 from edgejudge.runtime.video import Clip, read_video
-from edgejudge.specs import JudgeSpec, get_spec
+from edgejudge.specs import JudgeSpec, Prompts, compose_prompt, get_spec, read_prompts
 
 if TYPE_CHECKING:
+    from typing import Callable
+
     from edgejudge.runtime.answers import ParsedAnswer
+    from edgejudge.runtime.pairwise import Comparison
 
 Frames = Union[np.ndarray, Clip]
 
 
-def spec_text(spec: JudgeSpec, fields: Mapping[str, str]) -> str:
-    """The user text of one job: the spec's text with its fields filled in, each one required."""
-    unknown = sorted(set(fields) - set(spec.fields))
-    if unknown:
-        raise InputError(f"spec {spec.name} takes {', '.join(spec.fields)}; not {', '.join(unknown)}")
-    missing = [f for f in spec.fields if not str(fields.get(f) or "").strip()]
-    if missing:
-        raise InputError(f"spec {spec.name} needs a non-empty {', '.join(missing)}")
-    if not spec.user_text:
-        files = ", ".join(source.file for source in spec.prompt_sources)
-        raise InputError(f"spec {spec.name} builds its prompt from the user's files ({files}); "
-                         "the engine does not compose those prompts yet")
-    return spec.user_text.format(**fields)
+def check_family(folder: Path, spec: JudgeSpec) -> None:
+    """Refuse a spec built for another model family than the artifact's (or model folder's)."""
+    manifest = read_manifest(folder) if (folder / MANIFEST_NAME).is_file() else None
+    family = manifest.family if manifest else read_config(folder).get("model_type")
+    if family not in spec.families:
+        raise InputError(f"{folder} is a {family} model; spec {spec.name} needs {', '.join(spec.families)}")
 
 
 @dataclass
@@ -82,14 +78,17 @@ class Answer:
 class Judge:
     """A judge spec on an ONNX artifact. Load once; `check` / `ask` per decision."""
 
-    def __init__(self, engine: Engine, spec: JudgeSpec):
-        self.engine, self.spec = engine, spec
+    def __init__(self, engine: Engine, spec: JudgeSpec, prompts: Prompts | None = None):
+        self.engine, self.spec, self.prompts = engine, spec, prompts
 
     @classmethod
     def load(cls, artifact_dir: str | Path, spec: str | JudgeSpec | None = None, device: str = "cpu",
-             gpu_mem_gb: float | None = None, cache_groups: int = 128, hf: str | None = None) -> "Judge":
+             gpu_mem_gb: float | None = None, cache_groups: int = 128, hf: str | None = None,
+             prompt_dir: str | Path | None = None) -> "Judge":
         """`spec`: a spec name, a JudgeSpec, or None for the one recorded in the artifact.
         `cache_groups`: how many 2-frame groups of vision outputs to keep (LRU, ONNX artifacts).
+        `prompt_dir`: where the files of a spec whose prompts ship with the user's model are
+        (default: the artifact folder); they are read here, so a missing one fails the load.
 
         ONNX artifacts run on ONNX Runtime (torch-free); bnb artifacts and plain HF model folders
         run on the torch backend (`edgejudge.torch_backend`, imported only then)."""
@@ -100,14 +99,17 @@ class Judge:
                 raise InputError(f"{artifact_dir} records no judge spec: pass one")
             spec = manifest.judge_spec
         spec = get_spec(spec) if isinstance(spec, str) else spec
-        family = manifest.family if manifest else read_config(folder).get("model_type")
-        if family not in spec.families:
-            raise InputError(f"{artifact_dir} is a {family} model; spec {spec.name} needs {', '.join(spec.families)}")
+        check_family(folder, spec)
+        prompts = read_prompts(spec, prompt_dir or folder) if spec.prompt_sources else None
         if manifest is not None and manifest.format == "onnx":
-            return cls(Engine(folder, device, gpu_mem_gb, cache_groups, hf), spec)
+            return cls(Engine(folder, device, gpu_mem_gb, cache_groups, hf), spec, prompts)
         from edgejudge.torch_backend import TorchEngine
 
-        return cls(TorchEngine(folder, device, gpu_mem_gb, hf), spec)
+        return cls(TorchEngine(folder, device, gpu_mem_gb, hf), spec, prompts)
+
+    def compose(self, fields: Mapping[str, str]) -> tuple[str | None, str]:
+        """(system prompt or None, user text) of one question (`edgejudge.specs.compose_prompt`)."""
+        return compose_prompt(self.spec, dict(fields), self.prompts)
 
     def _clip(self, frames: Frames, fps: float | None, sample: str | None) -> Clip:
         clip = frames if isinstance(frames, Clip) else read_video(frames, fps=fps)
@@ -130,8 +132,8 @@ class Judge:
             raise InputError(f"spec {spec.name} takes views {expected}; got {', '.join(names) or 'none'}")
         timer = StageTimer()
         with timer("preprocess"):
-            text = spec_text(spec, {"instruction": instruction})
-            prompts = [self.engine.prompt([self._clip(views[name], fps, sample)], text) for name in names]
+            system, text = self.compose({"instruction": instruction})
+            prompts = [self.engine.prompt([self._clip(views[name], fps, sample)], text, system) for name in names]
         decision = self.decide([prompts], names, timer)[0]
         timer.ms["total"] = (time.perf_counter() - start) * 1e3
         return decision
@@ -165,19 +167,26 @@ class Judge:
                  sample: str | None = None, system: str | None = None) -> list[Answer]:
         """Several questions about one video (a rubric: one `fields` mapping per axis). The engine
         prefills what their prompts share (the system prompt and the video) once where it can
-        (the torch backend; see `generate_many` of each engine) and answers them as one batch."""
+        (the torch backend; see `generate_many` of each engine) and answers them as one batch.
+        `system` replaces the system prompt the spec composes."""
         from edgejudge.runtime.answers import parse_answer
 
         start = time.perf_counter()
         spec = self.spec
         if spec.answer == "labels":
             raise InputError(f"spec {spec.name} scores candidate labels: use check()")
+        if not questions:
+            raise InputError("ask_many needs at least one question")
         timer = StageTimer()
         with timer("preprocess"):
-            texts = [spec_text(spec, fields) for fields in questions]
+            composed = [self.compose(fields) for fields in questions]
+            systems = {system if system is not None else composed_system for composed_system, _ in composed}
+            if len(systems) > 1:
+                raise InputError(f"spec {spec.name}: the questions of one ask_many must share their system prompt")
+            texts = [text for _, text in composed]
             clip = self._clip(video, fps, sample)
         prefixes = [spec.score_prefix.format(**fields) for fields in questions] if spec.score_prefix else None
-        results = self.engine.generate_many([clip], texts, spec.max_new_tokens, system, prefixes, timer)
+        results = self.engine.generate_many([clip], texts, spec.max_new_tokens, systems.pop(), prefixes, timer)
         timer.ms["total"] = (time.perf_counter() - start) * 1e3
         answers = []
         for tokens, probs in results:
@@ -192,3 +201,22 @@ class Judge:
                 timings_ms=timer.ms,
             ))
         return answers
+
+    def compare(self, video1: Frames | str, video2: Frames | str, caption: str, system: str | None = None,
+                stream: Callable[[int, str], None] | None = None, reply: Callable[[int, str], str] | None = None
+                ) -> Comparison:
+        """A pairwise judge's verdict on two videos generated for `caption` (VR-Thinker): the
+        multi-turn frame-selection loop of `edgejudge.runtime.pairwise` on one KV cache. Videos are
+        frames, Clips or files; `system` replaces the system prompt read from the user's files;
+        `stream(turn, text)` receives the reasoning as it is decoded; `reply(turn, text)` returns
+        the text a reply is kept as (scripted turns)."""
+        from edgejudge.runtime.pairwise import CachedSession, Settings, compare
+
+        if self.spec.answer != "pairwise_tags":
+            raise InputError(f"spec {self.spec.name} judges one video: use {'check' if self.spec.labels else 'ask'}()")
+        if not isinstance(self.engine, Engine):
+            raise InputError("compare() runs on ONNX artifacts")
+        composed, _ = self.compose({"caption": caption})
+        clips = [self._clip(video, None, "none") for video in (video1, video2)]
+        return compare(CachedSession(self.engine), self.engine.model, [clip.frames for clip in clips], caption,
+                       system if system is not None else composed, Settings.from_spec(self.spec), stream, reply)

@@ -25,16 +25,16 @@ class PromptSource:
 
     file: str
     names: tuple[str, ...]
+    optional: tuple[str, ...] = ()  # read when present (a .yaml file's keys)
 
-    def read(self, folder: Path) -> dict[str, str]:
+    def read(self, folder: Path) -> dict[str, object]:
         path = Path(folder) / self.file
         if not path.is_file():
-            raise InputError(f"{path}: prompt file not found (the judge reads its prompt from the user's files)")
+            raise InputError(f"{path}: prompt file not found (the judge reads its prompt from the user's files; "
+                             "--prompt-dir names the folder that holds them)")
         if path.suffix == ".py":
-            values = read_python_constants(path, self.names)
-        else:
-            values = read_yaml_keys(path, self.names)
-        return values
+            return read_python_constants(path, self.names)
+        return read_yaml_keys(path, self.names, self.optional)
 
 
 def read_python_constants(path: Path, names: tuple[str, ...]) -> dict[str, str]:
@@ -62,7 +62,7 @@ def read_python_constants(path: Path, names: tuple[str, ...]) -> dict[str, str]:
     return found
 
 
-def read_yaml_keys(path: Path, names: tuple[str, ...]) -> dict[str, str]:
+def read_yaml_keys(path: Path, names: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, object]:
     import yaml
 
     try:
@@ -74,7 +74,7 @@ def read_yaml_keys(path: Path, names: tuple[str, ...]) -> dict[str, str]:
     missing = [n for n in names if n not in data]
     if missing:
         raise InputError(f"{path}: no key {', '.join(missing)}")
-    return {n: data[n] for n in names}
+    return {n: data[n] for n in names + optional if n in data}
 
 
 @dataclass(frozen=True)
@@ -95,8 +95,16 @@ class JudgeSpec:
     # prompt + this prefix gives the probabilities of the digits 1-5 at the score position.
     score_prefix: str = ""
     images: bool = False  # frames go in as images rather than as one video
+    # How the prompt read from the user's files becomes (system, user text): a key of COMPOSERS.
+    compose: str = ""
     extra: dict = field(default_factory=dict)
 
+
+COMPLETION_TEXT = (
+    "Instruction: {instruction}\n"
+    "Question: At the final moment shown in the video, is the instruction already completed?\n"
+    "Answer exactly one label: not complete or complete."
+)
 
 SPECS: dict[str, JudgeSpec] = {
     spec.name: spec
@@ -107,11 +115,7 @@ SPECS: dict[str, JudgeSpec] = {
             sample="uniform:64",
             answer="labels",
             fields=("instruction",),
-            user_text=(
-                "Instruction: {instruction}\n"
-                "Question: At the final moment shown in the video, is the instruction already completed?\n"
-                "Answer exactly one label: not complete or complete."
-            ),
+            user_text=COMPLETION_TEXT,
             labels=("not complete", "complete"),
             views=("right", "left"),
         ),
@@ -122,9 +126,11 @@ SPECS: dict[str, JudgeSpec] = {
             answer="json_score",
             fields=("caption", "axis"),
             prompt_sources=(
-                PromptSource("subq+human.yaml", ("system_prompt",)),
+                PromptSource("subq+human.yaml", ("system_prompt", "eval_prompts", "physical_template"),
+                             optional=("sub_questions",)),
                 PromptSource("infer.py", ("SUB_QUESTIONS", "CRITERIA")),
             ),
+            compose="rubric_axis",
             max_new_tokens=64,
             score_prefix='{{"{axis}": ',
             extra={"max_pixels_hw": (360, 640)},
@@ -134,8 +140,9 @@ SPECS: dict[str, JudgeSpec] = {
             families=("qwen2_5_vl",),
             sample="fps:16",
             answer="answer_tag",
-            fields=("caption",),
+            fields=(),
             prompt_sources=(PromptSource("prompt.yaml", ("system_prompt", "user_prompt")),),
+            compose="system_user",
             max_new_tokens=4096,
             score_prefix="<answer>",
         ),
@@ -146,6 +153,7 @@ SPECS: dict[str, JudgeSpec] = {
             answer="pairwise_tags",
             fields=("caption",),
             prompt_sources=(PromptSource("infer.py", ("SYSTEM_PROMPT",)),),
+            compose="system_only",
             max_new_tokens=2048,
             images=True,
             extra={"initial_frames": 4, "image_size": 448, "max_turns": 6, "max_picks": 12},
@@ -158,3 +166,101 @@ def get_spec(name: str) -> JudgeSpec:
     if name not in SPECS:
         raise InputError(f"unknown judge spec {name!r}; known: {', '.join(SPECS)}")
     return SPECS[name]
+
+
+# Prompt composition. A spec's user text is either its own `user_text` with {field} slots, or
+# built from the texts read from the user's files (`read_prompts`) by one of COMPOSERS.
+Prompts = dict[str, object]
+
+
+def read_prompts(spec: JudgeSpec, folder: str | Path) -> Prompts:
+    """Every text the spec's prompt sources name, read from `folder` (the user's model folder)."""
+    values: Prompts = {}
+    for source in spec.prompt_sources:
+        values.update(source.read(Path(folder)))
+    return values
+
+
+def compose_prompt(spec: JudgeSpec, fields: dict[str, str], prompts: Prompts | None = None) -> tuple[str | None, str]:
+    """(system prompt or None, user text) of one question, each of the spec's fields required."""
+    unknown = sorted(set(fields) - set(spec.fields))
+    if unknown:
+        takes = ", ".join(spec.fields) if spec.fields else "no fields"
+        raise InputError(f"spec {spec.name} takes {takes}; not {', '.join(unknown)}")
+    missing = [f for f in spec.fields if not str(fields.get(f) or "").strip()]
+    if missing:
+        raise InputError(f"spec {spec.name} needs a non-empty {', '.join(missing)}")
+    if spec.user_text:
+        return None, spec.user_text.format(**fields)
+    if prompts is None:
+        files = ", ".join(source.file for source in spec.prompt_sources)
+        raise InputError(f"spec {spec.name} builds its prompt from the user's files ({files}): "
+                         "pass the folder that holds them (--prompt-dir)")
+    return COMPOSERS[spec.compose](spec, prompts, fields)
+
+
+def _system_user(spec: JudgeSpec, prompts: Prompts, fields: dict[str, str]) -> tuple[str, str]:
+    """A prompt YAML's system and user prompts, used as written (Cosmos-Reason1's recipe)."""
+    return _text(spec, prompts, "system_prompt"), _text(spec, prompts, "user_prompt")
+
+
+def _system_only(spec: JudgeSpec, prompts: Prompts, fields: dict[str, str]) -> tuple[str, str]:
+    """The user's system prompt; the user turns are built by the judge's own loop (VR-Thinker)."""
+    return _text(spec, prompts, "SYSTEM_PROMPT"), ""
+
+
+def _rubric_axis(spec: JudgeSpec, prompts: Prompts, fields: dict[str, str]) -> tuple[str, str]:
+    """One axis of a PhyGround-style rubric, composed as its training code composes it.
+
+    The YAML gives the system prompt, a template per general axis (`eval_prompts`) and one
+    template for every physical law (`physical_template`); the Python file gives each axis's
+    sub-questions (`SUB_QUESTIONS`) and each law's criterion (`CRITERIA`). The templates are
+    `str.format` strings with {prompt} (the caption), {law}, {criteria}, {questions_block}
+    ("q1: ..." lines) and {question_keys_str}.
+    """
+    axis, caption = fields["axis"], fields["caption"]
+    templates, criteria = _mapping(spec, prompts, "eval_prompts"), _mapping(spec, prompts, "CRITERIA")
+    if axis in templates:
+        template = _text(spec, prompts, "eval_prompts", axis)
+        fallback = f"Does the video satisfy the {axis} criterion?"
+    elif axis in criteria:
+        template = _text(spec, prompts, "physical_template")
+        fallback = _text(spec, prompts, "CRITERIA", axis)
+    else:
+        raise InputError(f"spec {spec.name}: unknown axis {axis!r}; the prompt files define {', '.join(rubric_axes(spec, prompts))}")
+    questions = _mapping(spec, prompts, "SUB_QUESTIONS").get(axis) or [fallback]
+    questions = [q["question"] if isinstance(q, dict) else q for q in questions]
+    keys = [f"q{i}" for i in range(1, len(questions) + 1)]
+    lines = [f"{key}: {question}" for key, question in zip(keys, questions)]
+    if (prompts.get("sub_questions") or {}).get("answer_format") == "answer":
+        lines.append("Answer each with yes/no/uncertain.")
+    values = {"prompt": caption, "law": axis, "criteria": criteria.get(axis, ""), "questions_block": "\n".join(lines),
+              "question_keys_str": ", ".join(keys), "answers_block": ""}
+    try:
+        text = template.format(**values)
+    except (KeyError, IndexError, ValueError) as e:
+        raise InputError(f"spec {spec.name}: the template of axis {axis} does not format ({type(e).__name__}: {e})") from None
+    return _text(spec, prompts, "system_prompt"), text
+
+
+def rubric_axes(spec: JudgeSpec, prompts: Prompts) -> list[str]:
+    """A rubric's axes in the prompt files' order: the general axes, then the physical laws."""
+    return [*_mapping(spec, prompts, "eval_prompts"), *_mapping(spec, prompts, "CRITERIA")]
+
+
+def _mapping(spec: JudgeSpec, prompts: Prompts, name: str) -> dict:
+    value = prompts.get(name, {})
+    if not isinstance(value, dict):
+        raise InputError(f"spec {spec.name}: {name} in the prompt files must map names to texts, not a {type(value).__name__}")
+    return value
+
+
+def _text(spec: JudgeSpec, prompts: Prompts, name: str, key: str | None = None) -> str:
+    value = prompts.get(name) if key is None else _mapping(spec, prompts, name).get(key)
+    if not isinstance(value, str):
+        where = name if key is None else f"{name}[{key!r}]"
+        raise InputError(f"spec {spec.name}: {where} in the prompt files must be a text, not {type(value).__name__}")
+    return value
+
+
+COMPOSERS = {"system_user": _system_user, "system_only": _system_only, "rubric_axis": _rubric_axis}

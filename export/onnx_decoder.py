@@ -6,9 +6,8 @@ it cannot see there from the family files: the number of DeepStack taps (`export
 runtime's cos/sin tables need (`decoder.npz`).
 
 Float type: "fp32" or "fp16" for weights, activations and the KV cache. In fp16 graphs the
-norms still compute in fp32 (ORT's (Skip)SimplifiedLayerNormalization accumulate in float,
-stash_type=1) and GroupQueryAttention's softmax runs in fp32 inside the kernel; logits leave the
-LM head as float32.
+residual stream and the norms stay fp32 (`_residual_norm`), GroupQueryAttention's softmax runs in
+fp32 inside the kernel, and logits leave the LM head as float32.
 
 Written into one folder:
 
@@ -103,12 +102,33 @@ def _rms_norm(g: _Graph, x: str, weight, eps: float, name: str) -> str:
                 epsilon=float(eps), stash_type=1)
 
 
-def _skip_rms_norm(g: _Graph, x: str, skip: str, weight, eps: float, name: str) -> tuple[str, str]:
-    """(rms_norm(x + skip) * weight, x + skip)."""
-    outs = [f"{name}/normed", "", "", f"{name}/sum"]
-    g.op("SkipSimplifiedLayerNormalization", [x, skip, g.weight(f"{name}.weight", weight)], outs, domain=MS_DOMAIN,
-         name=name, epsilon=float(eps))
-    return outs[0], outs[3]
+def _cast(g: _Graph, x: str, dtype, name: str) -> str:
+    """x in `dtype`; nothing when the graph's float type is float32 throughout."""
+    if g.dtype == np.float32:
+        return x
+    return g.op("Cast", [x], name=name, to=_tensor_type(dtype))
+
+
+def _residual_norm(g: _Graph, x: str, residual: str | None, weight, eps: float, name: str) -> tuple[str, str]:
+    """(rms_norm(x + residual) * weight in the graph's float type, x + residual in float32).
+
+    The residual stream stays float32 in fp16 graphs: each layer's output is added to it in
+    float32 and only the normed activations the linears read are fp16. HF's fp16 model rounds the
+    stream to fp16 after every add, an error that grows with depth; a float32 stream removes it
+    for one (S, hidden) float32 add per layer. `residual` None: the first norm, x is the stream.
+    """
+    x32 = _cast(g, x, np.float32, f"{name}/x_fp32")
+    weight32 = g.const(f"{name}.weight", _np(weight, np.float32))
+    if residual is None:
+        normed = g.op("SimplifiedLayerNormalization", [x32, weight32], name=name, axis=-1, epsilon=float(eps),
+                      stash_type=1)
+        stream = x32
+    else:
+        outs = [f"{name}/normed", "", "", f"{name}/sum"]
+        g.op("SkipSimplifiedLayerNormalization", [x32, residual, weight32], outs, domain=MS_DOMAIN, name=name,
+             epsilon=float(eps))
+        normed, stream = outs[0], outs[3]
+    return _cast(g, normed, g.dtype, f"{name}/to_float_type"), stream
 
 
 def _rotary(g: _Graph, x4: str, cos4: str, sin4: str, flat_shape: str, half: str, name: str) -> str:
@@ -156,9 +176,9 @@ def build_decoder_graph(model, deepstack_taps: int, float_type: str = "fp32"):
     taps = [g.op("Gather", ["deepstack", g.const(f"tap.{i}", np.array(i, np.int64))], name=f"deepstack/{i}", axis=0)
             for i in range(deepstack_taps)]
 
-    residual = "inputs_embeds"
     layers = lm.layers
-    x = _rms_norm(g, residual, layers[0].input_layernorm.weight, eps, "layers.0.input_layernorm")
+    x, residual = _residual_norm(g, "inputs_embeds", None, layers[0].input_layernorm.weight, eps,
+                                 "layers.0.input_layernorm")
     for i, layer in enumerate(layers):
         p = f"layers.{i}"
         attn = layer.self_attn
@@ -175,7 +195,7 @@ def build_decoder_graph(model, deepstack_taps: int, float_type: str = "fp32"):
              outs, domain=MS_DOMAIN, name=f"{p}.attn", num_heads=heads, kv_num_heads=kv_heads,
              scale=float(attn.scaling), do_rotary=0)
         o = _linear(g, outs[0], attn.o_proj, f"{p}.o_proj")
-        x, residual = _skip_rms_norm(g, o, residual, layer.post_attention_layernorm.weight, eps,
+        x, residual = _residual_norm(g, o, residual, layer.post_attention_layernorm.weight, eps,
                                      f"{p}.post_attention_layernorm")
         mlp = layer.mlp
         gate = _linear(g, x, mlp.gate_proj, f"{p}.mlp.gate_proj")
@@ -185,10 +205,10 @@ def build_decoder_graph(model, deepstack_taps: int, float_type: str = "fp32"):
         if i < deepstack_taps:  # HF: hidden = (residual + mlp) ; hidden[visual] += deepstack[i]
             y = g.op("Add", [y, taps[i]], name=f"{p}.deepstack_add")
         if i + 1 < n_layers:
-            x, residual = _skip_rms_norm(g, y, residual, layers[i + 1].input_layernorm.weight, eps,
+            x, residual = _residual_norm(g, y, residual, layers[i + 1].input_layernorm.weight, eps,
                                          f"layers.{i + 1}.input_layernorm")
         else:
-            hidden_out, _ = _skip_rms_norm(g, y, residual, lm.norm.weight, eps, "norm")
+            hidden_out, _ = _residual_norm(g, y, residual, lm.norm.weight, eps, "norm")
     g.op("Identity", [hidden_out], ["hidden"], name="hidden")
 
     f, i32 = _tensor_type(g.dtype), TensorProto.INT32

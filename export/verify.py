@@ -70,6 +70,26 @@ class TorchScorer:
         return scores
 
 
+    @torch.no_grad()
+    def greedy(self, model: runtime_model.Model, arrays: dict, max_new_tokens: int) -> list[int]:
+        """HF `generate`'s greedy tokens after the prompt (the model's generation config, as the
+        runtime's greedy decoding reads it), stopping at EOS."""
+        device = next(self.model.parameters()).device
+        ids = torch.from_numpy(arrays["input_ids"]).to(device)
+        # generate computes the M-RoPE positions itself: Qwen2.5-VL's need the clip's seconds per
+        # temporal patch (HF's default, 1.0, is right only at 2 fps)
+        timing = {"second_per_grid_ts": torch.from_numpy(arrays["second_per_grid_ts"]).to(device)
+                  } if "second_per_grid_ts" in arrays else {}
+        out = self.model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids),
+            pixel_values_videos=torch.from_numpy(arrays["pixel_values_videos"]).to(device),
+            video_grid_thw=torch.from_numpy(arrays["video_grid_thw"]).to(device),
+            mm_token_type_ids=(ids == model.video_token_id).long() * 2,
+            do_sample=False, max_new_tokens=max_new_tokens, **timing,
+        )
+        return out[0, ids.shape[1]:].tolist()
+
+
 def reference_scorer(reference: Path, adapter: Path | None, device: str = "cpu",
                      dtype: torch.dtype = torch.float32) -> TorchScorer:
     """The base with the adapter unmerged: the judge exactly as trained (fp32), or HF's own run of

@@ -56,13 +56,13 @@ def parse_answer(kind: str, text: str) -> ParsedAnswer:
     parsers = {"json_score": _parse_json_score, "answer_tag": _parse_answer_tag, "pairwise_tags": _parse_pairwise}
     if kind not in parsers:
         raise InputError(f"answer kind {kind!r} has no text parser; known: {', '.join(parsers)}")
-    answer, reason = _after_thinking(text)
+    answer, reason = after_thinking(text)
     if reason:
         return ParsedAnswer(ok=False, raw=text, reason=reason)
     return parsers[kind](answer, text)
 
 
-def _after_thinking(text: str) -> tuple[str, str | None]:
+def after_thinking(text: str) -> tuple[str, str | None]:
     """The text after the reasoning, or a reason why there is none."""
     lowered = text.lower()
     end = lowered.rfind("</think>")

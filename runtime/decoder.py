@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -163,16 +163,17 @@ class TextDecoder:
     def cos_sin(self, position_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return mrope_cos_sin(position_ids, self.rope)
 
-    def multimodal_embeds(self, input_ids: np.ndarray, video_token_id: int, features: np.ndarray,
+    def multimodal_embeds(self, input_ids: np.ndarray, vision_token_id: int, features: np.ndarray,
                           deepstack: list[np.ndarray] | np.ndarray = ()) -> tuple[np.ndarray, np.ndarray | None]:
-        """Token embeddings with the visual features written at the video-token positions (HF's
-        masked_scatter, row-major over the batch) and the (n_taps, B, S, hidden) DeepStack input
-        (the taps at the same positions, zeros elsewhere; None for a family without DeepStack)."""
+        """Token embeddings with the visual features written at the vision-token positions (the
+        video's or the image's pad token; HF's masked_scatter, row-major over the batch) and the
+        (n_taps, B, S, hidden) DeepStack input (the taps at the same positions, zeros elsewhere;
+        None for a family without DeepStack)."""
         ids = np.asarray(input_ids, np.int64)
         embeds = self.embed(ids)
-        mask = ids == video_token_id
+        mask = ids == vision_token_id
         if int(mask.sum()) != len(features):
-            raise InputError(f"{int(mask.sum())} video tokens but {len(features)} visual features")
+            raise InputError(f"{int(mask.sum())} vision tokens but {len(features)} visual features")
         embeds[mask] = features
         if len(deepstack) != self.num_deepstack:
             raise InputError(f"{len(deepstack)} DeepStack taps, the decoder takes {self.num_deepstack}")
@@ -221,6 +222,14 @@ class TextDecoder:
         snapshot's length; what later steps wrote past it is ignored (seqlens_k) and overwritten
         by the next step."""
         self.past, self.past_length, self.batch = list(snapshot.past), snapshot.length, snapshot.batch
+
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` cached tokens; the next run writes over the rest (as `restore`).
+        A multi-turn conversation whose re-rendered text differs from what the cache holds goes
+        back to the first difference this way instead of starting over."""
+        if not 0 <= length <= self.past_length:
+            raise InputError(f"cannot truncate a cache of {self.past_length} tokens to {length}")
+        self.past_length = length
 
     def repeat_cache(self, repeats: int) -> None:
         """Repeat every cached row `repeats` times (row r -> rows r*repeats .. r*repeats+repeats-1),
@@ -335,9 +344,10 @@ class TextDecoder:
 
     def greedy(self, first_logits: np.ndarray, start: int, rope_deltas: np.ndarray, max_new_tokens: int,
                eos_token_ids=(), return_logits: bool = False, repetition_penalty: float = 1.0,
-               context_ids: np.ndarray | None = None):
+               context_ids: np.ndarray | None = None, on_token: Callable[[int], None] | None = None):
         """Greedy decoding of one sequence after prefill: `first_logits` (vocab,) at the prompt's
         last position, `start` the prompt length. Stops after an EOS token (included).
+        `on_token` is called with each token as soon as it is picked (streaming).
 
         `repetition_penalty` (generation_config.json's; HF applies it under greedy too) divides
         positive / multiplies negative logits of every token already in the sequence: the
@@ -359,6 +369,8 @@ class TextDecoder:
 
         steps = [np.asarray(first_logits, np.float32)]
         tokens = [pick(steps[0])]
+        if on_token:
+            on_token(tokens[-1])
         for index in range(start, start + max_new_tokens - 1):
             if tokens[-1] in eos:
                 break
@@ -366,4 +378,6 @@ class TextDecoder:
             hidden = self.step(self.embed(np.array([[tokens[-1]]])), cos, sin, on_device=True)
             steps.append(self.logits(hidden)[0, -1])
             tokens.append(pick(steps[-1]))
+            if on_token:
+                on_token(tokens[-1])
         return (tokens, steps) if return_logits else tokens

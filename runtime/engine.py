@@ -199,20 +199,29 @@ class Engine:
     # -- vision -------------------------------------------------------------------------------------
     def visual(self, prompts: list[Prompt], timer: StageTimer) -> list[dict[str, np.ndarray]]:
         """Per prompt, each output of the family's vision graph with groups and tokens merged in
-        the processor's order: `features` (N, out), and for Qwen3-VL `deepstack` (taps, N, out).
-        Cached groups are not re-encoded; all new groups of one target size run as one batch."""
+        the processor's order: `features` (N, out), and for Qwen3-VL `deepstack` (taps, N, out)."""
+        patch = self.model.vision.patch_size
+        return self.encode_frames([[(clip.frames, (h * patch, w * patch))
+                                    for clip, (_, h, w) in zip(p.clips, p.arrays["video_grid_thw"].tolist())]
+                                   for p in prompts], timer)
+
+    def encode_frames(self, requests: list[list[tuple[np.ndarray, tuple[int, int]]]], timer: StageTimer
+                      ) -> list[dict[str, np.ndarray]]:
+        """`visual` for any frames: per request, its (frames (T, H, W, 3) uint8, target (height,
+        width)) entries' vision outputs, merged in order. An entry of one frame is an image (the
+        frame fills its temporal patch, as HF's image processor does). Cached groups are not
+        re-encoded; all new groups of one target size run as one batch."""
         pp = self.model.vision
         tp, patch = pp.temporal_patch_size, pp.patch_size
         have: dict[tuple, dict[str, np.ndarray]] = {}
         missing: dict[tuple[int, int], dict[tuple, np.ndarray]] = {}  # size -> key -> frames
         plans = []
         with timer("preprocess"):
-            for prompt in prompts:
+            for request in requests:
                 keys = []
-                for clip, (_, h, w) in zip(prompt.clips, prompt.arrays["video_grid_thw"].tolist()):
-                    size = (h * patch, w * patch)
-                    for start in range(0, len(clip.frames), tp):
-                        group = clip.frames[start:start + tp]
+                for frames, size in request:
+                    for start in range(0, len(frames), tp):
+                        group = frames[start:start + tp]
                         key = VisionCache.key(group, size)
                         keys.append(key)
                         if key not in have:

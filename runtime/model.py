@@ -106,25 +106,32 @@ def render_prompt(model: Model, num_videos: int, text: str, system: str | None =
     return model.prompter.render(user_turn(num_videos, text, system), add_generation_prompt=True)
 
 
+def expand_and_encode(model: Model, prompt: str, placeholder: str, texts: list[str], what: str) -> np.ndarray:
+    """Token ids of a rendered prompt with its i-th `placeholder` replaced by texts[i] (a vision
+    input's pad tokens); InputError when the counts differ or the prompt outgrows the context."""
+    pieces = prompt.split(placeholder)
+    if len(pieces) != len(texts) + 1:
+        raise InputError(f"the chat template produced {len(pieces) - 1} {what} placeholders for {len(texts)} {what}s")
+    expanded = [pieces[0]]
+    for text, after in zip(texts, pieces[1:]):
+        expanded += [text, after]
+    ids = model.prompter.encode("".join(expanded))
+    if len(ids) + 1 > model.max_positions:
+        raise InputError(f"the prompt is {len(ids)} tokens, over the model's context of {model.max_positions}")
+    return ids
+
+
 def prompt_inputs(model: Model, clips: list[Clip], text: str, system: str | None = None) -> dict[str, np.ndarray]:
     """The text side of `build_inputs` (everything but `pixel_values_videos`), for callers that
     preprocess the frames themselves (the engine's vision cache preprocesses only new groups).
     Each video's target size is its grid times the patch size."""
     family, vision = model.family, model.vision
     prompt = render_prompt(model, len(clips), text, system)
-    pieces = prompt.split(family.video_placeholder(model.hf))
-    if len(pieces) != len(clips) + 1:
-        raise InputError(f"the chat template produced {len(pieces) - 1} video placeholders for {len(clips)} videos")
     sizes = [family.target_size(len(c.frames), c.frames.shape[1], c.frames.shape[2], vision, model.hf) for c in clips]
     grids = [vision.grid(len(c.frames), h, w) for c, (h, w) in zip(clips, sizes)]
-    extras, text = [], [pieces[0]]
-    for clip, grid, after in zip(clips, grids, pieces[1:]):
-        text += [family.video_text(clip.indices, clip.fps, grid, vision), after]
-        extras.append(family.video_extras(clip, vision, model.hf))
-    prompt = "".join(text)
-    ids = model.prompter.encode(prompt)
-    if len(ids) + 1 > model.max_positions:
-        raise InputError(f"the prompt is {len(ids)} tokens, over the model's context of {model.max_positions}")
+    texts = [family.video_text(clip.indices, clip.fps, grid, vision) for clip, grid in zip(clips, grids)]
+    ids = expand_and_encode(model, prompt, family.video_placeholder(model.hf), texts, "video")
+    extras = [family.video_extras(clip, vision, model.hf) for clip in clips]
     positions, delta = family.position_ids(ids, model.video_token_id, grids, model.config, extras, model.hf)
     arrays = {
         "input_ids": ids[None, :],
@@ -155,3 +162,20 @@ def build_inputs(model: Model, clips: list[Clip], text: str, system: str | None 
     names = ("input_ids", "attention_mask")
     return {**{k: arrays[k] for k in names}, "pixel_values_videos": pixels,
             **{k: v for k, v in arrays.items() if k not in names}}
+
+
+def image_prompt_inputs(model: Model, messages: list[dict], sizes: list[tuple[int, int]]) -> dict[str, np.ndarray]:
+    """A conversation with images, as HF's processor and `get_rope_index` give it: input_ids,
+    image_grid_thw, position_ids (3, 1, S) and rope_deltas. The messages' `{"type": "image"}`
+    items are the images in order; image i is one frame already resized to sizes[i] = (height,
+    width), a multiple of the merged patch (HF's image processor then leaves it as it is)."""
+    family, vision = model.family, model.vision
+    if not hasattr(family, "image_text"):
+        raise InputError(f"{model.family_name}: conversations with images are supported for Qwen2.5-VL only")
+    grids = [vision.grid(1, h, w) for h, w in sizes]
+    prompt = model.prompter.render(messages, add_generation_prompt=True)
+    ids = expand_and_encode(model, prompt, family.IMAGE_PAD, [family.image_text(g, vision) for g in grids], "image")
+    image_token_id = int(model.config["image_token_id"])
+    positions, delta = family.image_position_ids(ids, image_token_id, grids, model.config)
+    return {"input_ids": ids[None, :], "image_grid_thw": np.asarray(grids, dtype=np.int64).reshape(-1, 3),
+            "position_ids": positions, "rope_deltas": np.asarray([[delta]], dtype=np.int64)}

@@ -200,7 +200,7 @@ def test_text_judge_rows(setup):
     from edgejudge.specs import get_spec
 
     tmp, artifact, _ = setup
-    spec = replace(get_spec("cosmos-plausibility"), families=("qwen3_vl",), prompt_sources=(), max_new_tokens=6,
+    spec = replace(get_spec("cosmos-plausibility"), families=("qwen3_vl",), prompt_sources=(), compose="", fields=("caption",), max_new_tokens=6,
                    user_text="Caption: {caption}\nHow plausible is the video, 1-5? Answer <answer>N</answer>.")
     judge = Judge.load(artifact, spec=spec)
     jobs = [Job(f"v{i}", (str(tmp / f"right{i}.npy"),), {"caption": f"A block slides {i} cm."}, "test") for i in range(3)]
@@ -214,3 +214,16 @@ def test_text_judge_rows(setup):
         assert sorted(row["distribution"]) == ["1", "2", "3", "4", "5"]
         assert sum(row["distribution"].values()) == pytest.approx(1) and 1 <= row["expected"] <= 5
     assert rows[3] == {"id": "gone", "ok": False, "reason": f"{tmp / 'gone.npy'}: no such file"}
+
+
+def test_fingerprint_names_the_prompt_texts(setup):
+    """Results judged with other prompt files are another run: `--resume` refuses to mix them."""
+    from edgejudge.batch import run_fingerprint
+    from edgejudge.specs import get_spec
+
+    _, artifact, _ = setup
+    spec = get_spec("cosmos-plausibility")
+    first = run_fingerprint(artifact, spec, "fps:16", None, None, {"system_prompt": "Rate.", "user_prompt": "How real?"})
+    assert first == run_fingerprint(artifact, spec, "fps:16", None, None, {"user_prompt": "How real?", "system_prompt": "Rate."})
+    assert first != run_fingerprint(artifact, spec, "fps:16", None, None, {"system_prompt": "Rate.", "user_prompt": "How fake?"})
+    assert "prompts=" in first and "prompts=" not in run_fingerprint(artifact, get_spec("robocasa-completion"), "uniform:4", None, None)

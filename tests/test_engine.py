@@ -204,7 +204,7 @@ def test_ask_matches_hf_generate_and_digit_softmax(scorer, hf):
 
 
 def test_ask_parses_with_the_spec_answer_kind(scorer):
-    from edgejudge.runtime.answers import parse_answer  # TODO(answers.py): fails until the parsers land
+    from edgejudge.runtime.answers import parse_answer
 
     answer = scorer.ask(frames(12, count=4), caption="A cup slides.", axis="friction")
     assert answer.parsed == parse_answer(SCORE_SPEC.answer, answer.text)
@@ -217,6 +217,28 @@ def test_ask_stops_at_eos(scorer, monkeypatch):
     monkeypatch.setattr(scorer.engine, "eos_ids", {first})
     answer = scorer.ask(video, caption="A ball rolls.", axis="inertia")
     assert answer.token_ids == [first] and answer.eos
+
+
+def test_ask_with_the_users_prompt_yaml(artifact, scorer, tmp_path):
+    """A spec whose prompt ships with the user's model (Cosmos-style prompt.yaml, our wording):
+    the system and user prompts are read at load, and the answer is the one for that prompt."""
+    from dataclasses import replace
+
+    (tmp_path / "prompt.yaml").write_text("system_prompt: You rate physics in videos.\n"
+                                          "user_prompt: Is the motion plausible? Answer <answer>N</answer>, N in 1..5.\n")
+    spec = replace(get_spec("cosmos-plausibility"), families=("qwen3_vl",), sample="none", max_new_tokens=6)
+    judge = Judge.load(artifact, spec=spec, prompt_dir=tmp_path)
+    video = frames(14, count=4)
+    answer = judge.ask(video)
+    engine = judge.engine
+    prompt = engine.prompt([read_video(video)], "Is the motion plausible? Answer <answer>N</answer>, N in 1..5.",
+                           "You rate physics in videos.")
+    tokens, digits = engine.generate(prompt, 6, "<answer>")
+    assert answer.token_ids == tokens and list(answer.distribution.values()) == digits.tolist()
+    rendered = engine.model.prompter.decode(prompt.arrays["input_ids"][0].tolist(), skip_special_tokens=False)
+    assert rendered.startswith("<|im_start|>system\nYou rate physics in videos.<|im_end|>")
+    with pytest.raises(InputError, match="prompt.yaml: prompt file not found"):
+        Judge.load(artifact, spec=spec)
 
 
 def test_bad_input(artifact, judge, scorer):

@@ -1,7 +1,8 @@
 """`edgejudge export --format onnx`: the artifact's candidate-label NLLs, computed torch-free
 (build_inputs -> ONNX vision encoder -> ONNX decoder -> LM head), equal HF's with the UNMERGED
-adapter, and the RoboCasa decision is the same; the engine's batched scoring on the artifact (KV
-cache in place, repeated by cache_rows.onnx) equals the per-label forwards. Tiny Qwen3-VL and
+adapter, the RoboCasa decision is the same, and so are 16 greedy tokens; the engine's batched
+scoring on the artifact (KV cache in place, repeated by cache_rows.onnx) equals the per-label
+forwards. Tiny Qwen3-VL and
 Qwen2.5-VL, fp32 and fp16, CPU; int8 / int4 (and their mixed-precision options) report their error
 against fp32."""
 
@@ -26,6 +27,7 @@ SPEC = get_spec("robocasa-completion")
 TEXT = SPEC.user_text.format(instruction="Place the red block in the box.")
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
 BATCHED_TOLERANCE = {"fp32": 1e-5, "fp16": 1e-3}  # engine (cached, batched) vs per-label forwards
+GREEDY_STEPS = 16
 
 
 def _export(base, adapter, out, precision: str, *options: str) -> None:
@@ -79,6 +81,10 @@ def test_label_nll_matches_hf_with_unmerged_adapter(exported, precision):
     diff = max(abs(batched[i] - own[label]) for i, label in enumerate(SPEC.labels))
     print(f"{manifest.family} {precision}: engine batched vs per-label forwards max |dNLL| {diff:.2e}")
     assert diff <= BATCHED_TOLERANCE[precision]
+    # 16 greedy tokens: the engine on the artifact, HF `generate` with the adapter unmerged.
+    tokens = engine.generate(engine.prompt([clip], TEXT), GREEDY_STEPS)[0]
+    reference = hf_scorer.greedy(engine.model, runtime_model.build_inputs(engine.model, [clip], TEXT), GREEDY_STEPS)
+    assert len(tokens) == GREEDY_STEPS and tokens == reference
 
 
 QUANTIZED = {  # options -> (bit widths expected in the decoder, max label-NLL error vs fp32 allowed)

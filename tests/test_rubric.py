@@ -9,6 +9,8 @@ distribution at the score position. Prompts are written here (the real ones are 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -156,3 +158,38 @@ def test_duplicate_and_single_texts(engine, clip):
         np.testing.assert_allclose(digits, alone[1], atol=1e-6)
     with pytest.raises(InputError, match="no texts"):
         engine.generate_many([clip], [], 12, SYSTEM)
+
+
+def test_judge_answers_the_rubric_of_the_users_files(clip, rubric_dir, tmp_path, capsys):
+    """`Judge.load(..., prompt_dir=)` composes every axis from the user's prompt files; the
+    whole rubric in one `ask_many` answers each axis as its own prompt alone would, and the
+    CLI's default is the whole rubric."""
+    from edgejudge.cli import main
+    from edgejudge.judge import Judge
+    from edgejudge.specs import rubric_axes
+
+    judge = Judge.load(tiny_model_dir("qwen3_5"), "phyground", prompt_dir=rubric_dir)
+    axes = rubric_axes(judge.spec, judge.prompts)
+    answers = judge.ask_many(clip, [{"caption": CAPTION, "axis": a} for a in axes])
+    sampled = runtime_model.sample_clip(judge.engine.model, clip, judge.spec.sample)
+    for axis, answer in zip(axes, answers):
+        system, text = judge.compose({"caption": CAPTION, "axis": axis})
+        assert system == "You grade generated videos." and (axis in text and CAPTION in text)
+        tokens, digits = judge.engine.generate(judge.engine.prompt([sampled], text, system), judge.spec.max_new_tokens,
+                                               score_prefix(axis))
+        assert answer.token_ids == tokens, axis
+        np.testing.assert_allclose(list(answer.distribution.values()), digits, atol=1e-5)
+
+    video = tmp_path / "clip.npy"
+    np.save(video, clip.frames)
+    args = ["judge", str(tiny_model_dir("qwen3_5")), "--spec", "phyground", "--prompt-dir", str(rubric_dir),
+            "--caption", CAPTION, "--video", str(video), "--fps", "2", "--json"]
+    assert main(args) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["key"] for line in lines] == axes
+    assert [line["raw"] for line in lines] == [a.text for a in answers]
+    assert main(args[:-1] + ["--axis", "gravity", "--print-prompt"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("<|im_start|>system\nYou grade generated videos.") and "Rule: Unsupported objects fall down." in printed
+    assert main(args[:4] + ["--caption", CAPTION, "--video", str(video)]) == 2  # no prompt files in the model folder
+    assert "subq+human.yaml: prompt file not found" in capsys.readouterr().err
