@@ -253,6 +253,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run_command(args)
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from edgejudge.demo import DEMO_JUDGE, run_demo
+
+    return run_demo(args.clips, args.cache, args.precision, args.json, args.judge or DEMO_JUDGE)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from edgejudge.bench import run
 
@@ -347,6 +353,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-dir", help="the folder of the prompt files a spec reads (default: the artifact folder)")
     _add_video_options(p)
     p.set_defaults(run=_cmd_run, sample=None)
+
+    p = verbs.add_parser("demo", help="the shipped demo judge on held-out clips: decisions, accuracy, latency (CPU)")
+    p.add_argument("--clips", type=int, default=6, help="held-out clips per task (default 6)")
+    p.add_argument("--cache", type=Path, help="where the exported artifacts are kept "
+                   "(default $EDGEJUDGE_CACHE/demo, else ~/.cache/edgejudge/demo)")
+    p.add_argument("--precision", choices=["fp16", "int4"], default="int4", help="the artifact that judges")
+    p.add_argument("--json", action="store_true", help="one JSON object per clip, then a summary object")
+    p.add_argument("--judge", type=Path, help="a judge folder with base/ and adapter/ (default: the shipped one)")
+    p.set_defaults(run=_cmd_demo)
 
     p = verbs.add_parser("bench", help="time the seed workloads stage by stage on edgejudge and on the HF recipe")
     p.add_argument("--workload", default="all", help="W1, W2, W3, W4, a comma list, or all (default)")

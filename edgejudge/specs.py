@@ -119,6 +119,34 @@ SPECS: dict[str, JudgeSpec] = {
             labels=("not complete", "complete"),
             views=("right", "left"),
         ),
+        # The demo judge (`edgejudge demo`, trained by export/train_demo.py on the procedural
+        # clips of edgejudge/synthclips.py): the RoboCasa question on one camera, and a gravity
+        # score in the PhyGround answer format. These prompts are ours.
+        JudgeSpec(
+            name="demo-completion",
+            families=("qwen3_vl",),
+            sample="uniform:8",
+            answer="labels",
+            fields=("instruction",),
+            user_text=COMPLETION_TEXT,
+            labels=("not complete", "complete"),
+            views=("front",),
+        ),
+        JudgeSpec(
+            name="demo-gravity",
+            families=("qwen3_vl",),
+            sample="uniform:8",
+            answer="json_score",
+            fields=("caption",),
+            user_text=(
+                "Caption: {caption}\n"
+                "Question: Does the ball move the way gravity and a solid floor allow? "
+                "Rate it from 1 (impossible) to 5 (fully plausible).\n"
+                'Answer in JSON: {{"gravity": N}}'
+            ),
+            max_new_tokens=16,
+            score_prefix='{{"gravity": ',
+        ),
         JudgeSpec(
             name="phyground",
             families=("qwen3_5",),

@@ -5,13 +5,12 @@ They train and test the shipped demo judge, so they must be generated on a robot
 
 Two tasks, side view, SIZE x SIZE pixels, FRAMES frames at FPS:
 
-- "completion": a gripper carries one of two coloured objects (block or ball) towards one of
-  two containers (box, bowl, bin) on a table, under an instruction such as "Place the red block
-  in the bowl." Whether the instruction is complete shows only in the final frame, and only
-  relative to the instruction's words: the right object in the right container is complete; the
-  right object in the other container, the other object in the named container, the object left
-  on the container's rim (a near miss), set down beside it, or never picked up, are not. In half
-  of the clips a second arm sweeps in front of the containers while the object is put down.
+- "completion": a gripper carries the named one of two coloured objects (block or ball)
+  towards a container (box, bowl or bin) on a table, under an instruction such as "Place the red
+  block in the bowl." Whether the instruction is complete shows only in the final frame: the
+  object inside the container is complete; left on the rim (a near miss), set down beside the
+  container, still held above it, or never picked up, it is not. In half of the clips a second
+  arm sweeps in front of the container while the object is put down.
 - "plausibility": a ball falls and bounces on a floor; the score (1..5) says how physically
   plausible the motion is. See `PLAUSIBILITY_RUBRIC`.
 """
@@ -19,6 +18,7 @@ Two tasks, side view, SIZE x SIZE pixels, FRAMES frames at FPS:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,38 +35,40 @@ TASKS = ("completion", "plausibility")
 PLAUSIBILITY_RUBRIC = """\
 Score of a falling ball's motion, by the most severe thing it does (5 is physically plausible;
 each lower score breaks a more basic expectation about solid objects under gravity):
-  5  plausible: accelerates downwards, turns upwards only when it hits the floor, each bounce
-     lower than the last, never enters the floor, moves continuously.
-  4  hovering: stops in mid-air for several frames while falling, then falls on as before
+  5  plausible: dropped, accelerates downwards, turns upwards only when it hits the floor, each
+     bounce lower than the last, never enters the floor, moves continuously.
+  4  hovering: stops in mid-air for about a second while falling, then falls on as before
      (gravity switched off for a moment).
-  3  reversing mid-air: turns upwards in mid-air, well above the floor, with nothing to bounce
-     off (a force from nowhere).
-  2  passing through the floor: reaches the floor and keeps going down into it (solids
+  3  reversing mid-air: turns upwards well above the floor and rises for most of a second with
+     nothing to bounce off (a force from nowhere), then falls again.
+  2  passing through the floor: reaches the floor and sinks into it until it is gone (solids
      interpenetrate).
-  1  teleporting: vanishes and reappears far away from one frame to the next (no continuous path).
+  1  teleporting: vanishes for a moment and reappears far away (no continuous path at all).
 """
 PLAUSIBILITY_KINDS = {5: "plausible", 4: "hovering", 3: "reversing", 2: "through_floor", 1: "teleporting"}
 
-# Colours are RGB. Object colours are the only words that tell the two objects apart.
+# Colours are RGB. Object colours are the words that tell the two objects apart.
 OBJECT_COLORS = {"red": (215, 35, 35), "blue": (35, 70, 225), "green": (30, 170, 55), "yellow": (235, 205, 30)}
 SHAPES = ("block", "ball")
 CONTAINER_COLORS = {"box": (105, 55, 20), "bowl": (190, 90, 170), "bin": (20, 105, 110)}
 GRIPPER = (95, 95, 105)
 OCCLUDER = (120, 125, 135)
 
-# Completion geometry: containers stand on the back of the table, objects start at the front.
-TABLE_Y, BACK_Y, FRONT_Y = 66, 74, 91  # table top; bottom of back-row things; of front-row things
-OBJ = 10  # object side / diameter
+# Completion geometry: the container stands at the back of the table, objects start at the front.
+# Objects are large for the frame (14 of 96 pixels): a tiny judge trained from scratch needs
+# them to fill a good part of a 32-pixel vision token.
+TABLE_Y, BACK_Y, FRONT_Y = 66, 74, 92  # table top; bottom of back-row things; of front-row things
+OBJ = 14  # object side / diameter
 WALL = 3
-CONTAINER_SIZE = {"box": (24, 16), "bowl": (26, 15), "bin": (20, 22)}  # width, height
-CARRY_Y = 36  # bottom of a carried object on its way over the containers
+INTERIOR_SHADE = 0.45  # a container's inside, as a share of its wall colour
+CONTAINER_SIZE = {"box": (32, 20), "bowl": (34, 18), "bin": (28, 26)}  # width, height
+CARRY_Y = 36  # bottom of a carried object on its way over the container
 # Outcomes, cycled by clip index so labels are exactly balanced: half complete.
-COMPLETION_KINDS = ("complete", "rim", "complete", "beside", "complete", "wrong_container",
-                    "complete", "wrong_object", "complete", "missed_grasp")
+COMPLETION_KINDS = ("complete", "rim", "complete", "beside", "complete", "held", "complete", "missed_grasp")
 
 # Plausibility geometry.
-FLOOR_Y = 80  # top of the floor band
-BALL_RADIUS = 5
+FLOOR_Y = 78  # top of the floor band, drawn in front of the ball
+BALL_RADIUS = 7
 
 
 def _rng(task: str, seed: int, index: int) -> np.random.Generator:
@@ -115,13 +117,18 @@ class _Container:
         return BACK_Y - CONTAINER_SIZE[self.kind][1]
 
     def draw(self, frame: np.ndarray) -> None:
+        """Walls around a dark interior: an object inside is seen against the interior, one on
+        the rim or beside against the wall or table behind it."""
         rgb, w, top = CONTAINER_COLORS[self.kind], self.width, self.rim_y
         x0, x1 = self.x - w // 2, self.x + w // 2
+        interior = tuple(int(c * INTERIOR_SHADE) for c in rgb)
         if self.kind == "bowl":
+            cv2.ellipse(frame, (self.x, top), (w // 2, BACK_Y - top), 0, 0, 180, interior, -1, cv2.LINE_AA)
             cv2.ellipse(frame, (self.x, top), (w // 2, BACK_Y - top), 0, 0, 180, rgb, WALL, cv2.LINE_AA)
             cv2.line(frame, (x0 - 1, top), (x0 + 2, top), rgb, 2)
             cv2.line(frame, (x1 - 2, top), (x1 + 1, top), rgb, 2)
         else:  # box and bin: an open-topped U
+            cv2.rectangle(frame, (x0, top), (x1, BACK_Y - 1), interior, -1)
             cv2.rectangle(frame, (x0, top), (x0 + WALL - 1, BACK_Y - 1), rgb, -1)
             cv2.rectangle(frame, (x1 - WALL + 1, top), (x1, BACK_Y - 1), rgb, -1)
             cv2.rectangle(frame, (x0, BACK_Y - WALL), (x1, BACK_Y - 1), rgb, -1)
@@ -147,38 +154,33 @@ def _path(keys: list[tuple[int, float, float]], t: int) -> tuple[float, float]:
 
 def _completion(rng: np.random.Generator, index: int) -> tuple[np.ndarray, dict]:
     kind = COMPLETION_KINDS[index % len(COMPLETION_KINDS)]
+    container = _Container(str(rng.choice(list(CONTAINER_COLORS))), int(rng.integers(36, 61)))
     colors = rng.choice(list(OBJECT_COLORS), 2, replace=False)
-    kinds = rng.choice(list(CONTAINER_COLORS), 2, replace=False)
-    # Containers left and right of centre, leaving room beside each on the inner side.
-    xs = [int(rng.integers(16, 27)), int(rng.integers(70, 81))]
+    first = rng.uniform(10, 60)
+    obj_xs = [first, first + rng.uniform(OBJ + 4, 86 - first)]
     if rng.random() < 0.5:
-        kinds = kinds[::-1]
-    containers = [_Container(str(k), x) for k, x in zip(kinds, xs)]
-    ox = rng.uniform(10, 40)
-    obj_xs = [ox, ox + rng.uniform(OBJ + 8, 45)]
-    if rng.random() < 0.5:
-        obj_xs = [SIZE - x for x in obj_xs]
+        obj_xs = obj_xs[::-1]
     objects = [_Object(str(c), str(rng.choice(SHAPES)), x, FRONT_Y) for c, x in zip(colors, obj_xs)]
-    named_obj, named_box = int(rng.integers(2)), int(rng.integers(2))
-    target = objects[named_obj]
+    target = objects[int(rng.integers(2))]
     instruction = (f"{rng.choice(['Place', 'Put'])} the {target.color} {target.shape} "
-                   f"{rng.choice(['in', 'into'])} the {containers[named_box].kind}.")
+                   f"{rng.choice(['in', 'into'])} the {container.kind}.")
 
-    moved = objects[1 - named_obj] if kind == "wrong_object" else target
-    dest = containers[1 - named_box] if kind == "wrong_container" else containers[named_box]
-    dest_x, dest_bottom = dest.x + rng.uniform(-2, 2), BACK_Y - WALL
-    if kind == "rim":  # resting on the wall nearer the centre of the table: above, not inside
-        side = 1 if dest.x < SIZE / 2 else -1
-        dest_x, dest_bottom = dest.x + side * (dest.width // 2 - 1) + rng.uniform(-1, 1), dest.rim_y
+    dest_x, dest_bottom = container.x + rng.uniform(-2, 2), BACK_Y - WALL
+    side = 1 if container.x < SIZE / 2 else -1  # towards the roomier side of the table
+    if kind == "rim":  # resting on a wall: above the opening, not inside
+        dest_x, dest_bottom = container.x + side * (container.width // 2 - 1) + rng.uniform(-1, 1), container.rim_y
     elif kind == "beside":
-        side = 1 if dest.x < SIZE / 2 else -1
-        dest_x, dest_bottom = dest.x + side * (dest.width // 2 + OBJ // 2 + rng.uniform(3, 8)), BACK_Y
+        dest_x, dest_bottom = container.x + side * (container.width // 2 + OBJ // 2 + rng.uniform(4, 8)), BACK_Y
+    elif kind == "held":
+        dest_bottom = container.rim_y - rng.uniform(6, 14)
 
     start_x = rng.uniform(20, 76)
     grasp, lift, over, down = 4, 6, 9, 11
-    keys = [(0, start_x, 14), (grasp - 1, moved.x, moved.bottom), (grasp, moved.x, moved.bottom),
-            (lift, moved.x, CARRY_Y), (over, dest_x, CARRY_Y), (down, dest_x, dest_bottom),
-            (down + 1, dest_x, dest_bottom), (FRAMES - 1, dest_x + rng.uniform(-10, 10), 22 - rng.uniform(0, 8))]
+    released = kind not in ("held", "missed_grasp")
+    end = (dest_x, dest_bottom) if kind == "held" else (dest_x + rng.uniform(-10, 10), 24 - rng.uniform(0, 8))
+    keys = [(0, start_x, 16), (grasp - 1, target.x, target.bottom), (grasp, target.x, target.bottom),
+            (lift, target.x, CARRY_Y), (over, dest_x, CARRY_Y), (down, dest_x, dest_bottom),
+            (down + 1, dest_x, dest_bottom), (FRAMES - 1, *end)]
     occluder = rng.random() < 0.5
     occluder_from = (-12, SIZE + 12) if rng.random() < 0.5 else (SIZE + 12, -12)
     background = _background(rng, TABLE_Y)
@@ -187,20 +189,19 @@ def _completion(rng: np.random.Generator, index: int) -> tuple[np.ndarray, dict]
     for t in range(FRAMES):
         frame = background.copy()
         gx, gy = _path(keys, t)
-        carrying = grasp <= t <= down and kind != "missed_grasp"
-        if carrying:
-            moved.x, moved.bottom = gx, gy
-        elif t > down and kind != "missed_grasp":
-            moved.x, moved.bottom = dest_x, dest_bottom
-        for c in containers:
-            c.draw(frame)
+        holding = grasp <= t and (t <= down or not released)
+        if holding and kind != "missed_grasp":
+            target.x, target.bottom = gx, gy
+        elif t > down and released:
+            target.x, target.bottom = dest_x, dest_bottom
+        container.draw(frame)
         for o in objects:
             o.draw(frame)
-        _draw_gripper(frame, gx, gy, closed=grasp <= t <= down)
-        if occluder and over <= t <= down + 2:  # a second arm sweeping in front of the containers
+        _draw_gripper(frame, gx, gy, closed=holding)
+        if occluder and over <= t <= down + 2:  # a second arm sweeping in front of the container
             frac = (t - over) / (down + 2 - over)
             x = int(occluder_from[0] + frac * (occluder_from[1] - occluder_from[0]))
-            cv2.rectangle(frame, (x - 9, 30), (x + 9, SIZE - 1), OCCLUDER, -1)
+            cv2.rectangle(frame, (x - 10, 30), (x + 10, SIZE - 1), OCCLUDER, -1)
             cv2.rectangle(frame, (x - 3, 0), (x + 3, 30), OCCLUDER, -1)
         frames[t] = frame
     record = {"instruction": instruction, "label": "complete" if kind == "complete" else "not complete",
@@ -211,42 +212,55 @@ def _completion(rng: np.random.Generator, index: int) -> tuple[np.ndarray, dict]
 # --- plausibility ------------------------------------------------------------------------------
 
 
-def _ball_track(rng: np.random.Generator, score: int) -> list[tuple[float, float]] | None:
-    """Ball centres per frame for one draw of the physics, with the violation that `score` names;
-    None when this draw would not show it clearly (the caller draws again).
+def _ball_track(rng: np.random.Generator, score: int) -> list[tuple[float, float] | None] | None:
+    """Ball centres per frame (None while it has vanished) for one draw of the physics, with the
+    violation that `score` names; None when this draw would not show it clearly (the caller
+    draws again).
 
     Integrated per frame; a ball that would pass the floor within a frame is shown touching it,
-    so every bounce is visible at the frame it happens.
+    so every bounce is visible at the frame it happens. Each violation lasts long enough to fill
+    a whole pair of the frames a judge samples (`uniform:8` keeps every second or third frame and
+    Qwen3-VL encodes them two by two), and never looks like plausible motion within one pair:
+    the ball is dropped from rest, its bounces stay low, while it hovers and reverses only well
+    above them.
     """
     floor = FLOOR_Y - BALL_RADIUS  # centre height of a ball resting on the floor
-    x, y = rng.uniform(18, 78), rng.uniform(12, 40)
-    vx, vy = rng.uniform(-1.5, 1.5), rng.uniform(-4, 1.5)
-    g, bounce = rng.uniform(1.5, 2.5), rng.uniform(0.45, 0.75)
-    onset = int(rng.integers(2, 9))  # earliest frame the violation may start
+    margin = BALL_RADIUS + 3
+    x, y = rng.uniform(18, 78), rng.uniform(14, 30)
+    vx, vy = rng.uniform(-1.5, 1.5), rng.uniform(0, 1.5)
+    g, bounce = rng.uniform(1.5, 2.5), rng.uniform(0.35, 0.5)
+    onset = int(rng.integers(1, 6))  # earliest frame the violation may start
     event_at = contact_at = None
-    hover_left, sinking = 0, False
-    track = []
+    hover_left = rise_left = vanished_left = 0
+    sinking = False
+    track: list[tuple[float, float] | None] = []
     for t in range(FRAMES):
-        track.append((x, y))
+        track.append(None if vanished_left else (x, y))
+        vanished_left = max(0, vanished_left - 1)
         if hover_left:
             hover_left -= 1
             continue
-        ready = event_at is None and t >= onset
-        if ready and score == 4 and vy > 3 and floor - y > 20:
-            hover_left, event_at = int(rng.integers(3, 6)), t
+        airborne = event_at is None and t >= onset and vy > 1 and floor - y > 25
+        if score == 4 and airborne:
+            hover_left, event_at = int(rng.integers(5, 7)), t
             continue
-        if ready and score == 3 and vy > 3 and floor - y > 25:
-            vy, event_at = -rng.uniform(6, 10), t
-        if ready and score == 1:
-            dx = rng.choice([-1, 1]) * rng.uniform(25, 40)
-            if not 10 < x + dx < SIZE - 10:
+        if score == 3 and airborne and y > margin + 24:
+            rise_left, event_at, vy = 6, t, -rng.uniform(3, 4)
+        if score == 1 and event_at is None and t >= onset:  # gone from the next frame on, back elsewhere later
+            dx = rng.choice([-1, 1]) * rng.uniform(30, 45)
+            if not margin < x + dx < SIZE - margin:
                 dx = -dx
-            x, y, event_at = x + dx, float(np.clip(y + rng.uniform(-25, 15), 10, floor - 8)), t
-            track[-1] = (x, y)  # the jump shows at this very frame
+            x, y = x + dx, float(np.clip(y + rng.uniform(-15, 15), 14, floor - 20))
+            vanished_left, event_at = int(rng.integers(4, 6)), t
         x += vx
-        if not 8 < x < SIZE - 8:
-            vx, x = -vx, float(np.clip(x, 8, SIZE - 8))
-        if sinking:  # through the floor at a steady pace, so it shows for a few frames
+        if not margin < x < SIZE - margin:
+            vx, x = -vx, float(np.clip(x, margin, SIZE - margin))
+        if rise_left:  # lifted at a steady pace by a force from nowhere, then falls from rest
+            rise_left -= 1
+            y += vy
+            vy = vy if rise_left else 0.0
+            continue
+        if sinking:  # into the floor at a steady pace until it is gone
             y += vy
             continue
         vy += g
@@ -254,15 +268,13 @@ def _ball_track(rng: np.random.Generator, score: int) -> list[tuple[float, float
         if y >= floor:
             y, contact_at = floor, t + 1 if contact_at is None else contact_at
             if score == 2:
-                sinking, event_at, vy = True, t + 1, rng.uniform(3, 4.5)
+                sinking, event_at, vy = True, t + 1, rng.uniform(4, 6)
             else:
                 vy = -vy * bounce if vy * bounce > 2 * g else 0.0  # too slow to bounce visibly: rest
     last = FRAMES - 1
     if score == 5 and (contact_at is None or contact_at > last - 3):
         return None
-    if score == 2 and (event_at is None or event_at > last - 4):
-        return None
-    if score in (3, 4) and (event_at is None or event_at > last - 5):
+    if score != 5 and (event_at is None or event_at > last - 7):
         return None
     return track
 
@@ -274,12 +286,17 @@ def _plausibility(rng: np.random.Generator, index: int) -> tuple[np.ndarray, dic
     color = str(rng.choice(list(OBJECT_COLORS)))
     background = _background(rng, FLOOR_Y)
     frames = np.empty((FRAMES, SIZE, SIZE, 3), np.uint8)
-    for t, (x, y) in enumerate(track):
+    for t, centre in enumerate(track):
         frame = background.copy()
-        cv2.circle(frame, (int(round(x)), int(round(y))), BALL_RADIUS, OBJECT_COLORS[color], -1, cv2.LINE_AA)
+        if centre is not None:
+            cv2.circle(frame, (int(round(centre[0])), int(round(centre[1]))), BALL_RADIUS, OBJECT_COLORS[color], -1,
+                       cv2.LINE_AA)
+        frame[FLOOR_Y:] = background[FLOOR_Y:]  # the floor hides whatever has sunk into it
         frames[t] = frame
-    verb = "is tossed up and falls" if track[1][1] < track[0][1] else str(rng.choice(["falls", "drops"]))
-    record = {"caption": f"A {color} ball {verb} onto the floor.", "score": score, "kind": PLAUSIBILITY_KINDS[score]}
+    verb = str(rng.choice(["falls", "drops", "is dropped"]))
+    centres = [None if c is None else [round(c[0], 1), round(c[1], 1)] for c in track]
+    record = {"caption": f"A {color} ball {verb} onto the floor.", "score": score, "kind": PLAUSIBILITY_KINDS[score],
+              "track": centres}
     return frames, record
 
 
@@ -290,7 +307,9 @@ def make_clip(task: str, seed: int, index: int) -> tuple[np.ndarray, dict]:
     """Frames (FRAMES, SIZE, SIZE, 3) uint8 RGB and the record of clip `index` of split `seed`.
 
     The record holds the text the judge is given ("instruction" or "caption"), the answer
-    ("label" or "score") and the scenario ("kind").
+    ("label" or "score") and the scenario ("kind"); a completion record also says whether a
+    second arm sweeps through ("occluded"), a plausibility record gives the ball's centre in
+    every frame ("track": [x, y], or None while it has vanished).
     """
     if task not in TASKS:
         raise InputError(f"unknown clip task {task!r}; choose one of {', '.join(TASKS)}")

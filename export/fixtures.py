@@ -278,11 +278,12 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def build_tiny_model(family: str, out_dir: Path, seed: int = 0) -> Path:
+def build_tiny_model(family: str, out_dir: Path, seed: int = 0, sizes: dict[str, Any] | None = None) -> Path:
     """Write a complete tiny HF model dir for `family` into `out_dir` and return it.
 
     Loads offline with AutoProcessor / AutoModelForImageTextToText. Deterministic: the same
-    family and seed give byte-identical files.
+    family and seed give byte-identical files. `sizes` overrides TINY_OVERRIDES (same layout),
+    for a larger small model such as the trained demo judge.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
@@ -305,7 +306,7 @@ def build_tiny_model(family: str, out_dir: Path, seed: int = 0) -> Path:
     n_tokens = len(tokenizer["model"]["vocab"]) + len(tokenizer["added_tokens"])
     vocab = {"vocab_size": -(-n_tokens // VOCAB_MULTIPLE) * VOCAB_MULTIPLE}
     nested = "text_config" in TINY_OVERRIDES[family]  # Qwen2.5-VL's config.json is flat
-    overrides = deep_merge(TINY_OVERRIDES[family], {"text_config": vocab} if nested else vocab)
+    overrides = deep_merge(deep_merge(TINY_OVERRIDES[family], sizes), {"text_config": vocab} if nested else vocab)
     config = set_dtype(preset_config_dict(FAMILY_PRESET[family], overrides), torch.float32)
     config = _remap_token_ids(config, id_map)
     _check_rope(family, config)

@@ -8,7 +8,8 @@ from edgejudge.specs import SPECS, PromptSource, compose_prompt, get_spec, read_
 
 
 def test_seed_judges_are_specs():
-    assert set(SPECS) == {"robocasa-completion", "phyground", "cosmos-plausibility", "vrthinker-pairwise"}
+    assert set(SPECS) == {"robocasa-completion", "phyground", "cosmos-plausibility", "vrthinker-pairwise",
+                          "demo-completion", "demo-gravity"}
     for spec in SPECS.values():
         assert set(spec.families) <= set(FAMILIES)
         assert spec.sample.split(":")[0] in {"uniform", "fps", "virtual"}

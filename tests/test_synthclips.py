@@ -9,7 +9,8 @@ import pytest
 
 from edgejudge import synthclips as sc
 from edgejudge.errors import InputError
-from edgejudge.runtime.video import read_video
+from edgejudge.runtime.video import parse_sample, read_video, uniform_indices
+from edgejudge.specs import get_spec
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +36,12 @@ def test_same_seed_same_clips_other_seed_other_clips(tmp_path):
 
 
 def test_labels_balanced_and_instructions_vary():
-    comp = [sc.make_clip("completion", 0, i)[1] for i in range(40)]
-    assert Counter(r["label"] for r in comp) == {"complete": 20, "not complete": 20}
+    comp = [sc.make_clip("completion", 0, i)[1] for i in range(48)]
+    assert Counter(r["label"] for r in comp) == {"complete": 24, "not complete": 24}
     assert set(Counter(r["kind"] for r in comp)) == set(sc.COMPLETION_KINDS)
     words = " ".join(r["instruction"] for r in comp)
     assert all(w in words for w in [*sc.OBJECT_COLORS, *sc.SHAPES, *sc.CONTAINER_COLORS])
-    assert 10 <= sum(r["occluded"] for r in comp) <= 30
+    assert 12 <= sum(r["occluded"] for r in comp) <= 36
     plaus = [sc.make_clip("plausibility", 0, i)[1] for i in range(40)]
     assert Counter(r["score"] for r in plaus) == {s: 8 for s in range(1, 6)}
     assert all(r["kind"] == sc.PLAUSIBILITY_KINDS[r["score"]] for r in plaus)
@@ -85,7 +86,7 @@ def ball_centres(frames: np.ndarray, rgb) -> list[tuple[float, float, float] | N
     out = []
     for frame in frames:
         ys, xs = np.nonzero(color_mask(frame, rgb))
-        out.append((xs.mean(), ys.mean(), ys.max()) if len(ys) > 10 else None)
+        out.append((xs.mean(), ys.mean(), ys.max()) if len(ys) > 20 else None)
     return out
 
 
@@ -93,24 +94,53 @@ def test_plausibility_violation_is_in_the_frames():
     for frames, record in clips("plausibility"):
         rgb = sc.OBJECT_COLORS[record["caption"].split()[1]]
         track = ball_centres(frames, rgb)
-        seen = [c for c in track if c is not None]
         steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(track, track[1:]) if a and b]
-        in_floor = any(low > sc.FLOOR_Y + 3 for _, _, low in seen)
-        jump = max(abs(dx) for dx, _ in steps)
+        seen = [c is not None for c in track]
+        reappears = any(not a and b for a, b in zip(seen, seen[1:]))
         # turning from falling to rising, and how high above the floor the ball's bottom is then
         turns = [sc.FLOOR_Y - track[i][2] for i in range(1, len(track) - 1)
                  if track[i - 1] and track[i] and track[i + 1]
                  and track[i][1] - track[i - 1][1] > 1 and track[i + 1][1] - track[i][1] < -1]
         still = longest_still_run_in_air(track)
+        for drawn, recorded in zip(track, record["track"]):  # the record's track is what is drawn
+            if recorded is None:
+                assert drawn is None, record
+            elif recorded[1] + sc.BALL_RADIUS <= sc.FLOOR_Y:  # not sunk into the floor
+                assert abs(drawn[0] - recorded[0]) < 1 and abs(drawn[1] - recorded[1]) < 1, record
         kind = record["kind"]
-        assert in_floor == (kind == "through_floor"), record
-        assert (jump > 15) == (kind == "teleporting"), record
+        assert (track[-1] is None) == (kind == "through_floor"), record  # sunk out of sight
+        assert reappears == (kind == "teleporting"), record
+        assert seen[0] and max(abs(dx) for dx, _ in steps) <= 4, record  # moves continuously while seen
+        if kind == "teleporting":
+            before = next(c for c, after in zip(track, seen[1:]) if c and not after)
+            back = next(c for c, prev in zip(track[1:], seen) if c and not prev)
+            assert abs(back[0] - before[0]) > 20, record
         if kind == "plausible":
-            assert max(turns, default=0) <= 3 and still < 4, record  # turns upwards only on the floor
+            assert all(seen) and max(turns, default=0) <= 3 and still < 4, record  # turns only on the floor
         if kind == "reversing":
             assert max(turns) > 15, record
         if kind == "hovering":
             assert still >= 4, record
+
+
+def test_violation_fills_a_frame_pair_the_judge_sees():
+    """The demo judge samples frames (its spec's policy) and Qwen3-VL encodes them two by two:
+    each violation shows within one pair of those frames, in a way plausible motion never does."""
+    seen = uniform_indices(sc.FRAMES, parse_sample(get_spec("demo-gravity").sample).n)
+    for frames, record in clips("plausibility", n=60):
+        track = ball_centres(frames[seen], sc.OBJECT_COLORS[record["caption"].split()[1]])
+        pairs = list(zip(track[::2], track[1::2]))
+        high = [a and b and sc.FLOOR_Y - max(a[2], b[2]) > 20 for a, b in pairs]  # both well above the floor
+        shown = {
+            "hovering": any(h and abs(b[0] - a[0]) < 1 and abs(b[1] - a[1]) < 1 for h, (a, b) in zip(high, pairs)),
+            "reversing": any(h and a[1] - b[1] > 4 for h, (a, b) in zip(high, pairs)),
+            "through_floor": track[-1] is None,
+            "teleporting": track[-1] is not None and None in track,
+        }
+        if record["kind"] == "plausible":
+            assert not any(shown.values()), record
+        else:
+            assert shown[record["kind"]], record
 
 
 def longest_still_run_in_air(track) -> int:
