@@ -18,7 +18,6 @@ Two tasks, side view, SIZE x SIZE pixels, FRAMES frames at FPS:
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -1,5 +1,5 @@
-"""The demo judge's training script: batching is exact, a few steps learn, the helper questions
-say what the clips show, and the shipped weights judge held-out clips."""
+"""The demo judge's training script: batching is exact, a few steps learn, what the vision tower
+is taught is in the clips, and the shipped weights judge held-out clips."""
 
 from __future__ import annotations
 
@@ -87,9 +87,15 @@ def test_gravity_answers_are_read_by_the_runtime_parser():
 
 
 def test_shipped_demo_judge_judges_heldout_clips(tmp_path, one_torch_thread):
-    """The committed base + adapter, loaded in HF, get held-out clips right; the adapter matters."""
+    """The committed base + adapter, loaded in HF, get held-out clips right; the adapter is
+    trained (language tower and vision merger) and changes the scores."""
     from peft import PeftModel
+    from safetensors import safe_open
 
+    with safe_open(DEMO_JUDGE / "adapter" / "adapter_model.safetensors", "pt") as f:
+        trained_b = [f.get_tensor(k).abs().max() > 0 for k in f.keys() if "lora_B" in k]
+        assert any(".visual.merger." in k for k in f.keys()) and any(".language_model." in k for k in f.keys())
+    assert all(trained_b)  # LoRA B starts at zero: every target has learned something
     runtime = runtime_model.load(DEMO_JUDGE / "base")
     sets = train_demo.make_clipsets(runtime, tmp_path, "heldout", 24)
     base = load_base(DEMO_JUDGE / "base")
@@ -102,9 +108,9 @@ def test_shipped_demo_judge_judges_heldout_clips(tmp_path, one_torch_thread):
         scores = train_demo.judge_completion(judge, sets["completion"], i, "cpu")
         decided.append(min(scores, key=scores.get))
     right = [d == r["label"] for d, r in zip(decided, sets["completion"].records)]
-    assert np.mean(right) >= 0.9, list(zip(decided, sets["completion"].records))
+    assert sum(right) >= 23, list(zip(decided, sets["completion"].records))
     scores = [train_demo.gravity_score(train_demo.greedy_answer(judge, sets["plausibility"], i, "cpu"))
               for i in range(20)]
     truth = [r["score"] for r in sets["plausibility"].records[:20]]
-    within = [s is not None and abs(s - t) <= 1 for s, t in zip(scores, truth)]
-    assert np.mean(within) >= 0.85, list(zip(scores, truth))
+    assert all(s is not None and abs(s - t) <= 1 for s, t in zip(scores, truth)), list(zip(scores, truth))
+    assert np.mean([s == t for s, t in zip(scores, truth)]) >= 0.9, list(zip(scores, truth))
