@@ -10,7 +10,9 @@ int8 and nf4) is exported from the same base + adapter and judges the same clips
 `edgejudge.demo.judge_clips`, the code `edgejudge demo` runs. Reported per artifact: completion
 accuracy, plausibility exact and within-1 accuracy, each with its loss in points against the
 reference, decision (score) agreement with the reference, mean and max |dNLL| of the completion
-labels, mean |d expected score| of the gravity digit distribution, p50 latency.
+labels, the closest call (the smallest NLL gap between the two completion labels: how far the
+nearest decision is from flipping), mean |d expected score| of the gravity digit distribution, p50
+latency (the machine's load average is recorded with it).
 
 `--sweep` adds, per decoder layer, int4 with that layer's linears at 8 bits and int8 with that
 layer's linears at 4 bits: which layers an int4 artifact loses its accuracy in.
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import re
 import shutil
 import time
@@ -112,12 +116,13 @@ def compare(rows: list[dict], ref: list[dict]) -> dict:
     comp = [(r, f) for r, f in zip(rows, ref) if r["task"] == "completion"]
     plaus = [(r, f) for r, f in zip(rows, ref) if r["task"] == "plausibility"]
     dnll = np.array([abs(r["scores"][k] - f["scores"][k]) for r, f in comp for k in r["scores"]])
+    gaps = [np.diff(sorted(r["scores"].values()))[0] for r, _ in comp]
     out = {m: summary[m]["accuracy"] for m in METRICS}
     out.update({f"{m}_loss_points": 100 * (ref_summary[m]["accuracy"] - summary[m]["accuracy"]) for m in METRICS})
     out.update({
         "completion_agreement": float(np.mean([r["prediction"] == f["prediction"] for r, f in comp])),
         "plausibility_agreement": float(np.mean([r["prediction"] == f["prediction"] for r, f in plaus])),
-        "mean_abs_dnll": float(dnll.mean()), "max_abs_dnll": float(dnll.max()),
+        "mean_abs_dnll": float(dnll.mean()), "max_abs_dnll": float(dnll.max()), "closest_call": float(min(gaps)),
         "mean_abs_dexpected": float(np.mean([abs(r["expected"] - f["expected"]) for r, f in plaus])),
         "plausibility_unparsed": float(np.mean([r["prediction"] is None for r, _ in plaus])),
         "p50_ms": summary["latency_p50_ms"]["all"],
@@ -139,9 +144,9 @@ def meets_goal(name: str, result: dict) -> str:
 
 def table(results: dict[str, dict]) -> str:
     lines = [
-        "| artifact | weights MB | completion | loss pts | agree | mean \\|dNLL\\| | max \\|dNLL\\| "
-        "| plaus. exact | within 1 | loss pts (exact / within 1) | score agree | mean \\|d expected\\| | p50 ms | goal |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ("| artifact | weights MB | completion | loss pts | agree | mean \\|dNLL\\| | max \\|dNLL\\| | closest call "
+         "| plaus. exact | within 1 | loss pts (exact / within 1) | score agree | mean \\|d expected\\| | p50 ms | goal |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         ref = name.startswith("HF")
@@ -151,6 +156,7 @@ def table(results: dict[str, dict]) -> str:
         lines.append(
             f"| {name} | {r['mb']:.2f} | {100 * r['completion']:.1f}% | {comp_loss} "
             f"| {100 * r['completion_agreement']:.1f}% | {r['mean_abs_dnll']:.2e} | {r['max_abs_dnll']:.2e} "
+            f"| {r['closest_call']:.3f} "
             f"| {100 * r['plausibility_exact']:.1f}% | {100 * r['plausibility_within_1']:.1f}% | {plaus_loss} "
             f"| {100 * r['plausibility_agreement']:.1f}% | {r['mean_abs_dexpected']:.2e} | {r['p50_ms']:.0f} "
             f"| {meets_goal(name, r)} |")
@@ -168,6 +174,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write results.json and table.md here")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
+    # k_quant logs a line per node and bnb's CPU int8 matmul one per call: tens of thousands of lines
+    logging.getLogger("neural_compressor").setLevel(logging.WARNING)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    load = {"start": os.getloadavg()}
 
     work = args.work / weights_digest(args.judge)[:16]
     clips = work / f"clips-{args.clips}"
@@ -195,11 +205,13 @@ def main() -> None:
                 results[name] = {**compare(rows, ref), "mb": weight_mb(artifact)}
                 print(f"{name}: {json.dumps(results[name])}", flush=True)
 
+    load["end"] = os.getloadavg()
     markdown = table(results)
     print(markdown)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps({"clips_per_task": args.clips, "results": results}, indent=1))
+        (args.out / "results.json").write_text(json.dumps({"clips_per_task": args.clips, "load_average": load,
+                                                              "results": results}, indent=1))
         (args.out / "table.md").write_text(markdown + "\n")
 
 

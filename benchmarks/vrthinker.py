@@ -10,6 +10,9 @@ measures, per artifact on ONNX Runtime's CUDA provider:
 - decode: greedy tokens/s at batch 1 after the first turn's prefill (256 tokens, EOS off, after a
   warm-up run; the step time only: embed, decoder step, LM head, pick), and its split into the
   decoder step (with its host-side inputs), the LM head and the pick;
+- both with the decoding step captured as a CUDA graph (the runtime's default) and without, in
+  the same run, whether the two give the same tokens, and on a fixed 2,239-token text prompt how
+  many greedy steps they agree for and how far their logits are apart until then;
 - compare: the wall time of a 3-turn comparison (two scripted select_frames calls of 8 frames,
   then an answer; 256 tokens a turn, EOS off; vision cache cleared first) through
   `runtime.pairwise.compare` with the reused KV cache;
@@ -31,7 +34,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgejudge.runtime.decoder import decode_position_ids
 from edgejudge.runtime.engine import Engine, StageTimer
 from edgejudge.runtime.model import Model
 from edgejudge.runtime.pairwise import TOOL_ARGUMENT, TOOL_NAME, CachedSession, Conversation, Settings, compare
@@ -124,10 +126,9 @@ def decode_rate(engine: Engine, settings: Settings, tokens: int) -> dict:
     decoder.truncate(prompt)
     split = {"step_ms": 0.0, "head_ms": 0.0, "pick_ms": 0.0}  # embed + cos/sin + decoder run; LM head; argmax
     token, delta = int(session.cached[-1]), np.zeros((1, 1), np.int64)  # text positions: timing only
-    for index in range(prompt, prompt + tokens - 1):
+    for _ in range(tokens - 1):
         t0 = time.perf_counter()
-        cos, sin = decoder.cos_sin(decode_position_ids(index, 1, delta))
-        hidden = decoder.step(decoder.embed(np.array([[token]])), cos, sin, on_device=True)
+        hidden = decoder.step_token(np.array([token]), delta)
         t1 = time.perf_counter()
         logits = decoder.logits(hidden)[0, -1]
         t2 = time.perf_counter()
@@ -138,6 +139,28 @@ def decode_rate(engine: Engine, settings: Settings, tokens: int) -> dict:
     return {"prompt_tokens": prompt, "tokens": tokens, "tokens_per_s": round(float(np.median(rates)), 1),
             "ms_per_token": round(1e3 / float(np.median(rates)), 2),
             "split_ms": {k: round(v, 3) for k, v in split.items()}}
+
+
+def greedy_trace(engine: Engine, prompt: int = 2239, steps: int = 64) -> tuple[list[int], list[np.ndarray]]:
+    """Greedy tokens and each step's logits after a fixed random text prompt (text positions)."""
+    decoder = engine.decoder
+    ids = np.random.default_rng(0).integers(0, decoder.vocab_size, (1, prompt))
+    cos, sin = decoder.cos_sin(np.broadcast_to(np.arange(prompt)[None, None], (3, 1, prompt)))
+    hidden = decoder.prefill(decoder.embed(ids), cos, sin, capacity=prompt + steps, on_device=True)
+    return decoder.greedy(decoder.logits(hidden, slice(-1, None))[0, -1], prompt, np.zeros((1, 1), np.int64),
+                          steps, (), return_logits=True)
+
+
+def divergence(a: tuple[list[int], list[np.ndarray]], b: tuple[list[int], list[np.ndarray]]) -> dict:
+    """Steps two greedy traces agree for; max |dlogit| over the steps that share a history, and b's
+    gap between its top two logits where they part (a near-tie flips on any rounding)."""
+    (tokens_a, logits_a), (tokens_b, logits_b) = a, b
+    agree = next((i for i, (x, y) in enumerate(zip(tokens_a, tokens_b)) if x != y), len(tokens_a))
+    shared = range(min(agree + 1, len(tokens_a)))
+    top2 = np.sort(logits_b[min(agree, len(tokens_b) - 1)])[-2:]
+    return {"steps": len(tokens_a), "agree_steps": agree,
+            "max_abs_dlogit": float(max(np.abs(logits_a[i] - logits_b[i]).max() for i in shared)),
+            "top2_gap_where_parted": float(top2[1] - top2[0])}
 
 
 def hf_decode_rate(hf, processor, model: Model, settings: Settings, tokens: int) -> dict:
@@ -210,15 +233,22 @@ def main() -> None:
     picks = [virtual_uniform(settings.virtual, 8).tolist(), list(range(5, 125, 15))]
     report: dict = {"preset": "tiny qwen2_5_vl" if args.smoke else PRESET, "tokens_per_turn": tokens,
                     "image_size": settings.image_size, "picks": picks, "onnx": {}}
-    replies = {}
-    for name, folder in artifacts.items():
-        engine = Engine(folder, device=device)
+    replies, traces = {}, {}
+    graph_modes = (True, False) if device == "cuda" else (True,)
+    for (name, folder), cuda_graph in ((a, g) for a in artifacts.items() for g in graph_modes):
+        label = name if cuda_graph else f"{name}, no CUDA graph"
+        engine = Engine(folder, device=device, cuda_graph=cuda_graph)
         engine.eos_ids = set()
-        timing, replies[name] = timed_compare(partial(CachedSession, engine), engine.model, settings, picks,
-                                              engine.cache.entries.clear)
-        report["onnx"][name] = {"decode": decode_rate(engine, settings, tokens), "compare": timing,
-                                "provider": engine.decoder.session.get_providers()[0]}
-        print(json.dumps({name: report["onnx"][name]}), flush=True)
+        timing, replies[label] = timed_compare(partial(CachedSession, engine), engine.model, settings, picks,
+                                               engine.cache.entries.clear)
+        report["onnx"][label] = {"decode": decode_rate(engine, settings, tokens), "compare": timing,
+                                 "provider": engine.decoder.session.get_providers()[0],
+                                 "graphs_captured": engine.decoder.graphs_captured}
+        traces[label] = greedy_trace(engine, *((2239, 64) if device == "cuda" else (64, 8)))
+        if not cuda_graph:
+            report["onnx"][label]["same_tokens_as_graph"] = [a == b for a, b in zip(replies[label], replies[name])]
+            report["onnx"][label]["greedy_vs_graph"] = divergence(traces[name], traces[label])
+        print(json.dumps({label: report["onnx"][label]}), flush=True)
         del engine
         gc.collect()
     if not args.no_hf:

@@ -267,7 +267,7 @@ def model_shape(config: dict, lora_rank: int | None) -> dict:
     }
     parts["vis"] = {
         "hidden": vision.hidden_size, "depth": vision.depth, "intermediate": vision.intermediate_size,
-        "merge": vision.spatial_merge_size,
+        "heads": vision.num_heads, "merge": vision.spatial_merge_size,
         "full_layers": len(windowed) if windowed is not None else vision.depth,
         "window": (vision.window_size // vision.patch_size) ** 2 if windowed is not None else None,
     }
@@ -355,11 +355,14 @@ def memory_estimate(shape: dict, plan: dict, setup: Setup, workload: Workload, c
     prompt_rows = plan["videos"] if plan["labels"] and setup.backend != "hf" else 1
     # HF's forward computes the logits of every position; edgejudge only where they are read
     logit_positions = plan["prompt"] if setup.backend == "hf" and plan["labels"] else rows
+    vis, groups, patches = shape["vis"], plan["groups"], plan["patches_per_group"]
+    vision = groups * patches * (2 * vis["intermediate"] + 4 * vis["hidden"]) * float_bytes
+    if setup.backend == "onnx":  # the traced vision graph materializes each group's scores and their softmax
+        vision += 2 * groups * vis["heads"] * patches ** 2 * float_bytes
     activations = max(
         prompt_rows * plan["prompt"] * (2 * text["intermediate"] + 4 * text["hidden"]) * float_bytes
         + logit_positions * text["vocab"] * (4 + float_bytes),
-        plan["groups"] * plan["patches_per_group"] * (2 * shape["vis"]["intermediate"] + 4 * shape["vis"]["hidden"])
-        * float_bytes,
+        vision,
     )
     weights = device_weight_bytes(shape, setup, float_bytes)
     total = weights + kv + activations + (CUDA_CONTEXT_BYTES if cuda else 0)
@@ -1260,8 +1263,9 @@ def run(args) -> int:
                                       "adapter": args.adapter}, None)
     if "input_error" in planned:
         raise InputError(planned["input_error"])
-    if "error" in planned:
-        raise RuntimeError(f"planning failed: {planned['error']}")
+    if "error" in planned:  # not the user's input (a full disk, a broken install): one line, exit 1
+        print(f"edgejudge: error: bench planning failed: {planned['error']}", file=sys.stderr)
+        return 1
     configs = planned["ok"]["configs"]
     refused = [c for c in configs if c["status"] == "refused"]
     ready = [c for c in configs if c["status"] == "ready"]
@@ -1277,7 +1281,7 @@ def run(args) -> int:
            device if cuda else f"cpu ({os.cpu_count()} cores, {platform.machine()})",
            "gpu_mem_gb": args.gpu_mem_gb, "date": time.strftime("%Y-%m-%d"), "runs": args.runs, "warmup": args.warmup,
            "device_probe": device_probe}
-    rows = []
+    rows, text = [], ""
     for config in configs:
         measured = peak = None
         if config["status"] == "ready":
@@ -1287,6 +1291,7 @@ def run(args) -> int:
                 "gpu_mem_gb": args.gpu_mem_gb, "runs": args.runs, "warmup": args.warmup, "tiny": tiny,
                 "clips": str(cache / "clips")}, nvml)
         rows.append(finish_row(config, measured, peak, device_probe, env))
-    print(write_report(out, rows), end="")
+        text = write_report(out, rows)  # after every configuration: a run cut short keeps what it measured
+    print(text, end="")
     log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
     return 1 if any(r["status"] == "failed" for r in rows) else 0

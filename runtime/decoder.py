@@ -28,6 +28,13 @@ lets ORT allocate exactly-sized presents on the device instead (its copy-the-pas
 `cache_rows.onnx` (a Gather on axis 0) on the device. Forwards can leave their hidden states on
 the device (`on_device=True`); `logits` then reads just the rows it needs there, and only
 logits come back to the host.
+
+Greedy decoding runs its one-token steps through a `FixedStep`: every input and output at a fixed
+address, bound once per cache buffer set, `total_sequence_length` held at the buffer's capacity
+(GroupQueryAttention reads the valid length from `seqlens_k`, on the device). A step then only
+writes its token's embedding, cos/sin and length in place. On CUDA that lets ONNX Runtime capture
+the step as a CUDA graph once and replay it: a decoding step is ~20 small kernels a layer, and
+launching them one by one from the host, not the GPU, is what bounds batch-1 decoding.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from edgejudge.errors import InputError
 
 DECODER_NAME, LM_HEAD_NAME, EMBED_NAME, SIDECAR_NAME = "decoder.onnx", "lm_head.onnx", "embed.npy", "decoder.npz"
 CACHE_ROWS_NAME = "cache_rows.onnx"
+CAPACITY_STEP = 256  # KV cache capacities are multiples of this when decoding steps are CUDA graphs
 
 
 def _rope_params(config: Mapping) -> tuple[np.ndarray, list[int], float, bool]:
@@ -63,6 +71,16 @@ def _rope_params(config: Mapping) -> tuple[np.ndarray, list[int], float, bool]:
     inv_freq = (1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))).astype(np.float32)
     return (inv_freq, [int(s) for s in rope["mrope_section"]], 1.0,
             FAMILIES[config["model_type"]].MROPE_INTERLEAVED)
+
+
+def _provider_name(provider) -> str:
+    return provider if isinstance(provider, str) else provider[0]
+
+
+def _with_cuda_graph(provider) -> tuple[str, dict]:
+    """The CUDA provider entry with CUDA graph capture on (runs opt in by graph id)."""
+    name, options = (provider, {}) if isinstance(provider, str) else provider
+    return name, {**options, "enable_cuda_graph": "1"}
 
 
 def frequency_axes(half: int, section: list[int], interleaved: bool) -> np.ndarray:
@@ -107,6 +125,18 @@ def decode_position_ids(start: int, count: int, rope_deltas: np.ndarray, batch: 
 
 
 @dataclass(frozen=True)
+class FixedStep:
+    """A bound one-token run: its input buffers (written in place each step), its hidden output,
+    and the run options that name its CUDA graph."""
+
+    binding: object
+    inputs: dict
+    hidden: object
+    run_options: object
+    total: np.ndarray  # the CPU scalar bound as total_sequence_length (kept alive with the binding)
+
+
+@dataclass(frozen=True)
 class CacheSnapshot:
     """The KV cache at one moment: its buffers (OrtValues) and how much of them is valid."""
 
@@ -119,7 +149,9 @@ class TextDecoder:
     """ONNX Runtime sessions on the exported decoder, LM head and cache-row graph, plus the KV cache
     on the sessions' device."""
 
-    def __init__(self, folder: str | Path, providers=("CPUExecutionProvider",), session_options=None):
+    def __init__(self, folder: str | Path, providers=("CPUExecutionProvider",), session_options=None,
+                 cuda_graph: bool = True):
+        """`cuda_graph`: on CUDA, capture greedy decoding's one-token step as a CUDA graph."""
         import onnxruntime as ort
 
         self.folder = Path(folder)
@@ -137,9 +169,12 @@ class TextDecoder:
             self.vocab_size = int(data["vocab_size"])
         self.embed_table = np.load(self.folder / EMBED_NAME, mmap_mode="r")
         providers = list(providers)
+        self.cuda_graph = cuda_graph and _provider_name(providers[0]) == "CUDAExecutionProvider"
+        decoder_providers = [_with_cuda_graph(providers[0]), *providers[1:]] if self.cuda_graph else providers
         self.session, self.head, self.cache_rows = (
-            ort.InferenceSession(str(self.folder / name), sess_options=session_options, providers=providers)
-            for name in (DECODER_NAME, LM_HEAD_NAME, CACHE_ROWS_NAME))
+            ort.InferenceSession(str(self.folder / name), sess_options=session_options, providers=chosen)
+            for name, chosen in ((DECODER_NAME, decoder_providers), (LM_HEAD_NAME, providers),
+                                 (CACHE_ROWS_NAME, providers)))
         # where the cache and hidden states live: the device of the provider ORT actually runs first
         if self.session.get_providers()[0] == "CUDAExecutionProvider":
             self.device = "cuda"
@@ -151,6 +186,12 @@ class TextDecoder:
         self.past: list[tuple[ort.OrtValue, ort.OrtValue]] = []
         self.past_length = 0
         self.batch = 0
+        # every run but the fixed steps' own: no CUDA graph (prefills change shape from run to run)
+        self.run_options = ort.RunOptions()
+        if self.cuda_graph:
+            self.run_options.add_run_config_entry("gpu_graph_id", "-1")
+        self.fixed: tuple[tuple, FixedStep] | None = None  # the bound step and the cache buffers it is bound to
+        self.graphs_captured = 0
 
     # -- inputs ---------------------------------------------------------------------------------
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
@@ -199,15 +240,22 @@ class TextDecoder:
         return self.num_layers * 2 * rows * self.num_kv_heads * tokens * self.head_dim * np.dtype(self.dtype).itemsize
 
     def reset(self, batch: int = 1, capacity: int = 0) -> None:
-        """An empty cache of `batch` rows with room for `capacity` tokens each, on the device."""
+        """An empty cache of `batch` rows with room for `capacity` tokens each, on the device. The
+        current buffers are kept when they have that shape (so a captured decoding step stays
+        valid from one request to the next); with CUDA graphs the capacity is rounded up to
+        CAPACITY_STEP tokens so that requests of similar lengths share buffers."""
         import onnxruntime as ort
 
+        if self.cuda_graph:
+            capacity = -(-capacity // CAPACITY_STEP) * CAPACITY_STEP
         shape = [batch, self.num_kv_heads, capacity, self.head_dim]
+        if not (self.past and self.past[0][0].shape() == shape):
+            self.past, self.fixed = [], None  # free the old cache (and the step bound to it) first
 
-        def buffer():
-            return ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device, self.device_id)
+            def buffer():
+                return ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device, self.device_id)
 
-        self.past = [(buffer(), buffer()) for _ in range(self.num_layers)]
+            self.past = [(buffer(), buffer()) for _ in range(self.num_layers)]
         self.past_length = 0
         self.batch = batch
 
@@ -216,11 +264,11 @@ class TextDecoder:
         return CacheSnapshot(list(self.past), self.past_length, self.batch)
 
     def restore(self, snapshot: CacheSnapshot) -> None:
-        """Put a snapshot's cache back. Nothing ever overwrites the rows a snapshot covers: steps
-        write only at or past the current length (in place, or into new buffers when full),
-        repeat_cache and prefill write new buffers. So restoring truncates the cache to the
-        snapshot's length; what later steps wrote past it is ignored (seqlens_k) and overwritten
-        by the next step."""
+        """Put a snapshot's cache back, until the next prefill (which may reuse the buffers).
+        Until then nothing overwrites the rows a snapshot covers: steps write only at or past the
+        current length (in place, or into new buffers when full) and repeat_cache writes new
+        buffers. So restoring truncates the cache to the snapshot's length; what later steps
+        wrote past it is ignored (seqlens_k) and overwritten by the next step."""
         self.past, self.past_length, self.batch = list(snapshot.past), snapshot.length, snapshot.batch
 
     def truncate(self, length: int) -> None:
@@ -288,7 +336,7 @@ class TextDecoder:
                     binding.bind_ortvalue_output(f"present_{kind}_{i}", buffer)
                 else:  # a full buffer: ORT allocates presents of exactly `total` tokens on the device
                     binding.bind_output(f"present_{kind}_{i}", self.device, self.device_id)
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, self.run_options)
         outputs = binding.get_outputs()
         if not in_place:
             self.past = [(outputs[1 + 2 * i], outputs[2 + 2 * i]) for i in range(self.num_layers)]
@@ -313,6 +361,61 @@ class TextDecoder:
             raise InputError("step() before prefill()")
         hidden = self._run(inputs_embeds, cos, sin, deepstack)
         return hidden if on_device else hidden.numpy()
+
+    def fixed_step(self) -> FixedStep:
+        """The bound one-token run for the current cache buffers. Bound again (and on CUDA, captured
+        as a new graph) only when the buffers change: a new shape of cache, or a cache that grew
+        past its capacity. The binding holds the buffers, so a captured graph never writes
+        through a freed one."""
+        import onnxruntime as ort
+
+        key = (self.batch, tuple(buffer.data_ptr() for pair in self.past for buffer in pair))
+        if self.fixed and self.fixed[0] == key:
+            return self.fixed[1]
+        self.fixed = None  # release the old binding and the buffers it holds first
+
+        def buffer(shape, dtype):
+            return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device, self.device_id)
+
+        b, hidden, dim = self.batch, self.hidden_size, self.head_dim
+        inputs = {"inputs_embeds": buffer([b, 1, hidden], self.dtype), "cos": buffer([b, 1, dim], self.dtype),
+                  "sin": buffer([b, 1, dim], self.dtype), "seqlens_k": buffer([b], np.int32)}
+        if self.num_deepstack:  # decoded tokens carry no visual features
+            inputs["deepstack"] = ort.OrtValue.ortvalue_from_numpy(
+                np.zeros((self.num_deepstack, b, 1, hidden), self.dtype), self.device, self.device_id)
+        binding = self.session.io_binding()
+        for name, value in inputs.items():
+            binding.bind_ortvalue_input(name, value)
+        total = np.asarray(self.capacity, np.int32)  # fixed: the valid length travels in seqlens_k
+        binding.bind_cpu_input("total_sequence_length", total)
+        out = buffer([b, 1, hidden], self.dtype)
+        binding.bind_ortvalue_output("hidden", out)
+        for i, (key_cache, value_cache) in enumerate(self.past):
+            for kind, cache in (("key", key_cache), ("value", value_cache)):
+                binding.bind_ortvalue_input(f"past_{kind}_{i}", cache)
+                binding.bind_ortvalue_output(f"present_{kind}_{i}", cache)
+        run_options = ort.RunOptions()
+        if self.cuda_graph:
+            self.graphs_captured += 1
+            run_options.add_run_config_entry("gpu_graph_id", str(self.graphs_captured))
+        self.fixed = key, FixedStep(binding, inputs, out, run_options, total)
+        return self.fixed[1]
+
+    def step_token(self, token_ids: np.ndarray, rope_deltas: np.ndarray):
+        """Extend the cache by one token per row ((B,) ids) through the fixed step; needs a free
+        row in the buffers. The (B, 1, hidden) hidden states as an OrtValue on the device, valid
+        until the next step."""
+        if self.past_length >= self.capacity:
+            raise InputError(f"no room after {self.past_length} tokens in the KV cache of {self.capacity}")
+        step = self.fixed_step()
+        cos, sin = self.cos_sin(decode_position_ids(self.past_length, 1, rope_deltas, self.batch))
+        step.inputs["inputs_embeds"].update_inplace(self.embed(np.asarray(token_ids).reshape(self.batch, 1)))
+        step.inputs["cos"].update_inplace(np.ascontiguousarray(cos, self.dtype))
+        step.inputs["sin"].update_inplace(np.ascontiguousarray(sin, self.dtype))
+        step.inputs["seqlens_k"].update_inplace(np.full((self.batch,), self.past_length, np.int32))
+        self.session.run_with_iobinding(step.binding, step.run_options)
+        self.past_length += 1
+        return step.hidden
 
     def logits(self, hidden, positions: slice | None = None) -> np.ndarray:
         """(B, K, hidden) hidden states -> (B, K, vocab) float32 logits; `positions` selects the K
@@ -374,8 +477,13 @@ class TextDecoder:
         for index in range(start, start + max_new_tokens - 1):
             if tokens[-1] in eos:
                 break
-            cos, sin = self.cos_sin(decode_position_ids(index, 1, rope_deltas))
-            hidden = self.step(self.embed(np.array([[tokens[-1]]])), cos, sin, on_device=True)
+            if index != self.past_length:
+                raise InputError(f"greedy from position {start} on a cache of {self.past_length} tokens")
+            if index < self.capacity:  # room in the buffers: the fixed (on CUDA, graph-captured) step
+                hidden = self.step_token(np.array([tokens[-1]]), rope_deltas)
+            else:
+                cos, sin = self.cos_sin(decode_position_ids(index, 1, rope_deltas))
+                hidden = self.step(self.embed(np.array([[tokens[-1]]])), cos, sin, on_device=True)
             steps.append(self.logits(hidden)[0, -1])
             tokens.append(pick(steps[-1]))
             if on_token:

@@ -53,7 +53,9 @@ def execution_providers(device: str, gpu_mem_gb: float | None = None) -> list:
         raise InputError(f"device {device!r}: expected cpu, cuda or cuda:N")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         raise InputError("device cuda needs onnxruntime-gpu (pip install 'edgejudge[gpu]')")
-    options = {"device_id": int(index or 0)}
+    # the arena grows by what is asked, not to the next power of two: ORT's default can double a
+    # multi-GiB activation request, so the peak stays near what the request needs
+    options = {"device_id": int(index or 0), "arena_extend_strategy": "kSameAsRequested"}
     if gpu_mem_gb is not None:
         if not gpu_mem_gb > 0:
             raise InputError(f"gpu_mem_gb must be positive, got {gpu_mem_gb}")
@@ -174,14 +176,14 @@ class Engine:
     """An ONNX artifact's vision encoder, text decoder and LM head, with the vision-group cache."""
 
     def __init__(self, artifact_dir: str | Path, device: str = "cpu", gpu_mem_gb: float | None = None,
-                 cache_groups: int = 128, hf: str | None = None):
+                 cache_groups: int = 128, hf: str | None = None, cuda_graph: bool = True):
         self.model = runtime_model.load(artifact_dir, hf=hf)  # checks the manifest's hashes
         providers = execution_providers(device, gpu_mem_gb)
         self.gpu_mem_gb = gpu_mem_gb
         self.weight_bytes = device_weight_bytes(self.model.path)
         check_gpu_memory(gpu_mem_gb, self.weight_bytes)
         self.vision = load_vision_encoder(self.model.path / VISION_NAME, self.model.family_name, providers)
-        self.decoder = TextDecoder(self.model.path, providers)
+        self.decoder = TextDecoder(self.model.path, providers, cuda_graph=cuda_graph)
         self.cache = VisionCache(cache_groups)
         self.groups_encoded = 0  # vision-graph batch rows run so far (cache misses)
         self.eos_ids = eos_token_ids(self.model)

@@ -169,8 +169,9 @@ def test_greedy_decoding_matches_generate(tiny, exported, arrays):
     ref_logits = np.stack([step[0].numpy() for step in generated.logits])
     eos = model.generation_config.eos_token_id
     penalty = model.generation_config.repetition_penalty or 1.0  # Qwen2.5-VL ships 1.05: greedy applies it
-    # room for every token: steps write in place; no room: each step gets new exactly-sized buffers
-    for capacity in (prompt_len + NEW_TOKENS - 1, None):
+    # room for every token: the fixed step writes in place (valid length in seqlens_k, whatever the
+    # slack); no room: each step gets new exactly-sized buffers
+    for capacity in (prompt_len + NEW_TOKENS - 1, prompt_len + NEW_TOKENS + 40, None):
         hidden = _onnx_prefill(decoder, vision, arrays, model.config.video_token_id, capacity=capacity, on_device=True)
         first = decoder.logits(hidden, slice(-1, None))[0, -1]
         buffer = decoder.past[0][0].data_ptr()
@@ -185,6 +186,15 @@ def test_greedy_decoding_matches_generate(tiny, exported, arrays):
         assert decoder.cache_shape() == (1, decoder.num_kv_heads, decoder.past_length, decoder.head_dim)
         assert (decoder.past[0][0].data_ptr() == buffer) == (capacity is not None)  # in place only with room
         assert decoder.capacity == (capacity or decoder.past_length)
+    # a new request of the same shape reuses the buffers and the bound step (a CUDA graph on CUDA)
+    capacity, bound = prompt_len + NEW_TOKENS - 1, []
+    for _ in range(2):
+        hidden = _onnx_prefill(decoder, vision, arrays, model.config.video_token_id, capacity=capacity, on_device=True)
+        tokens = decoder.greedy(decoder.logits(hidden, slice(-1, None))[0, -1], prompt_len, arrays["rope_deltas"],
+                                NEW_TOKENS, eos, repetition_penalty=penalty, context_ids=arrays["input_ids"])
+        assert tokens == ref_tokens
+        bound.append((decoder.past[0][0].data_ptr(), decoder.fixed[1]))
+    assert bound[0][0] == bound[1][0] and bound[0][1] is bound[1][1]
     # decoding positions matter: forgetting rope_deltas (text-only positions) is caught
     _onnx_prefill(decoder, vision, arrays, model.config.video_token_id)
     _, wrong = decoder.greedy(first, prompt_len, np.zeros((1, 1), np.int64), 2, eos, return_logits=True)
