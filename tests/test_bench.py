@@ -26,8 +26,10 @@ import torch
 from safetensors import safe_open
 from torch.utils.flop_counter import FlopCounterMode
 
-from edgejudge.bench import (SETUPS, WORKLOADS, HFRunner, device_weight_bytes, model_shape, synthetic_frames,
-                             text_flops, vision_flops, write_report)
+from edgejudge.bench_measure import HFRunner
+from edgejudge.bench_report import write_report
+from edgejudge.bench_workloads import (SETUPS, WORKLOADS, device_weight_bytes, model_shape, synthetic_frames, text_flops,
+                                       vision_flops)
 from edgejudge.cli import main
 from edgejudge.export.fixtures import tiny_model_dir
 from edgejudge.export.merge import load_base
