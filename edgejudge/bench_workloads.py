@@ -63,6 +63,7 @@ class Workload:
     max_pixels: int | None = None  # the recipe's per-frame pixel cap, when it sets its own
     baselines: tuple[str, ...] = ("hf",)
     targets: dict[str, float] = field(default_factory=dict)  # p50_ms, vs_hf, decode_tokens_per_s
+    target_setups: tuple[str, ...] = ()  # the setups the targets are for (all when empty)
 
     @property
     def family(self) -> str:
@@ -123,7 +124,7 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("W4", "VR-Thinker pairwise: 8 frames 448x448, two tool turns of 4 frame pairs, 256 tokens a turn",
              "qwen2.5-vl-7b-instruct", PAIRWISE, ({"caption": CAPTION},),
              Video(120, 360, 640, 24.0), Video(120, 90, 160, 24.0), from_file=True, system=PAIRWISE_SYSTEM,
-             targets={"decode_tokens_per_s": 150}),
+             targets={"decode_tokens_per_s": 150}, target_setups=("int4",)),
 )}
 
 

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from torch.utils.flop_counter import FlopCounterMode
 
 from edgejudge.bench_measure import HFRunner
-from edgejudge.bench_report import write_report
+from edgejudge.bench_report import compare, write_report
 from edgejudge.bench_workloads import (SETUPS, WORKLOADS, device_weight_bytes, model_shape, synthetic_frames, text_flops,
                                        vision_flops)
 from edgejudge.cli import main
@@ -151,6 +151,19 @@ def test_merge(w1, tmp_path):
         write_report(tmp_path, [{k: v for k, v in again.items() if k != "gflops"}])
     with pytest.raises(RuntimeError, match="out of order"):
         write_report(tmp_path, [{**again, "latency_ms": {"p50": 2.0, "p95": 1.0}}])
+
+
+def test_targets_apply_to_their_setups():
+    """Full-size GPU rows are held to their workload's targets, and only the setups they name."""
+    def row(setup: str, tokens_per_s: float) -> dict:
+        return {"workload": "W4", "setup": setup, "backend": "onnx", "status": "ok", "model": "qwen2.5-vl-7b-instruct",
+                "device": "NVIDIA H100 80GB HBM3", "latency_ms": {"p50": 5000.0}, "decode_tokens_per_s": tokens_per_s}
+
+    rows = [row("int4", 182.4), row("fp16", 114.7), {**row("int4", 120.0), "device": "NVIDIA L4"}]
+    compare(rows)
+    assert rows[0]["targets"]["decode_tokens_per_s"].startswith("met: 182.4 tokens/s")
+    assert "targets" not in rows[1]
+    assert rows[2]["targets"]["decode_tokens_per_s"].startswith("missed: 120 tokens/s vs >= 150 tokens/s (1.25x off)")
 
 
 def test_memory_refusal(tmp_path, cache, capsys):
