@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgejudge.runtime.decoder import TextDecoder, decode_position_ids
-from edgejudge.runtime.engine import execution_providers
+from edgejudge.runtime.sessions import execution_providers
 
 
 def p50_ms(run, runs: int) -> float:

@@ -10,6 +10,8 @@ Parts, p50 over the runs (after 3 warm-ups), for views x frames of 224x224 RGB:
 - `split`: the per-group copies the cache keeps, and the concatenation a prompt reads;
 and an ONNX Runtime profile of one session run: time per op type and the Memcpy nodes, against
 the FLOP floor of the graph's linears (2 x parameters x patches, at the H100's dense fp16 peak).
+On CUDA the profile's kernel times are the launches' host time, not device time (the graph's
+device time is `session` less the copies; benchmarks/RESULTS.md, 2026-11-23, third session).
 Torch-free.
 """
 

@@ -314,15 +314,18 @@ def device_weight_bytes(shape: dict, setup: Setup, float_bytes: int) -> float:
 def memory_estimate(shape: dict, plan: dict, setup: Setup, workload: Workload, cuda: bool) -> dict[str, float]:
     """Bytes on the device, before anything loads: weights + KV cache + the largest transient
     buffers of one forward (+ a CUDA context). Rows and tokens are what each backend holds at
-    its peak: edgejudge copies a prefilled view's cache once per label, the torch backend holds
-    a rubric's shared prefix and two copies of the answer rows, HF one sequence at a time."""
+    its peak: ONNX copies a prefilled view's cache once per label of several tokens when there
+    are two or more (`runtime.engine.cache_copies`); the torch backend copies it once per label,
+    and holds a rubric's shared prefix and two copies of the answer rows; HF one sequence at a
+    time."""
     from edgejudge.torch_backend import cache_bytes
 
     float_bytes = 4 if setup.export == "fp32" or (setup.backend != "onnx" and not cuda) else 2
     text = shape["text"]
     if plan["labels"]:
-        width = max(plan["labels"])
-        rows, tokens = (plan["videos"] * (1 + len(plan["labels"])), plan["prompt"] + width - 1) \
+        width, fed = max(plan["labels"]), sum(n > 1 for n in plan["labels"])
+        copies = len(plan["labels"]) if setup.backend == "torch" else (fed if fed > 1 else 0)
+        rows, tokens = (plan["videos"] * (1 + copies), plan["prompt"] + width - 1) \
             if setup.backend != "hf" else (1, plan["prompt"] + width)
     elif setup.backend == "torch":
         rows, tokens = 1 + 2 * len(plan["suffixes"]), plan["prompt"] + workload.spec.max_new_tokens

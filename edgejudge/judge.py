@@ -22,6 +22,7 @@ from edgejudge.errors import InputError
 from edgejudge.manifest import MANIFEST_NAME, read_manifest
 from edgejudge.runtime.engine import DIGITS, Engine, Prompt, StageTimer
 from edgejudge.runtime.model import read_config, sample_clip
+from edgejudge.runtime.sessions import memory_errors
 from edgejudge.runtime.video import Clip, read_video
 from edgejudge.specs import JudgeSpec, Prompts, compose_prompt, get_spec, read_prompts
 
@@ -144,7 +145,8 @@ class Judge:
         a batch, across decisions too): each decision is the mean over its views."""
         timer = timer or StageTimer()
         labels = self.spec.labels
-        nll = self.engine.score_labels([p for views in decisions for p in views], labels, timer)
+        with memory_errors(self.engine.gpu_mem_gb):
+            nll = self.engine.score_labels([p for views in decisions for p in views], labels, timer)
         out, start = [], 0
         for views in decisions:
             per_view, start = nll[start : start + len(views)], start + len(views)
@@ -186,7 +188,8 @@ class Judge:
             texts = [text for _, text in composed]
             clip = self._clip(video, fps, sample)
         prefixes = [spec.score_prefix.format(**fields) for fields in questions] if spec.score_prefix else None
-        results = self.engine.generate_many([clip], texts, spec.max_new_tokens, systems.pop(), prefixes, timer)
+        with memory_errors(self.engine.gpu_mem_gb):
+            results = self.engine.generate_many([clip], texts, spec.max_new_tokens, systems.pop(), prefixes, timer)
         timer.ms["total"] = (time.perf_counter() - start) * 1e3
         answers = []
         for tokens, probs in results:
@@ -218,5 +221,6 @@ class Judge:
             raise InputError("compare() runs on ONNX artifacts")
         composed, _ = self.compose({"caption": caption})
         clips = [self._clip(video, None, "none") for video in (video1, video2)]
-        return compare(CachedSession(self.engine), self.engine.model, [clip.frames for clip in clips], caption,
-                       system if system is not None else composed, Settings.from_spec(self.spec), stream, reply)
+        with memory_errors(self.engine.gpu_mem_gb):
+            return compare(CachedSession(self.engine), self.engine.model, [clip.frames for clip in clips], caption,
+                           system if system is not None else composed, Settings.from_spec(self.spec), stream, reply)

@@ -198,6 +198,7 @@ class TorchEngine:
         saved = getattr(torch, self.model.config.get("dtype") or self.text_config.get("dtype") or "float32")
         self.float_bytes = torch.finfo(dtype or saved).bits // 8
         self.weights_bytes = weight_bytes(folder, self.float_bytes if dtype is not None else None)
+        self.gpu_mem_gb = gpu_mem_gb
         self.cap_bytes = None if gpu_mem_gb is None else int(gpu_mem_gb * GIB)
         self.check_fits(0, 0)  # the weights alone, before any is read
         if self.cap_bytes is not None:

@@ -46,6 +46,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from edgejudge.errors import InputError
+from edgejudge.runtime.sessions import open_session, provider_name
 
 DECODER_NAME, LM_HEAD_NAME, EMBED_NAME, SIDECAR_NAME = "decoder.onnx", "lm_head.onnx", "embed.npy", "decoder.npz"
 CACHE_ROWS_NAME = "cache_rows.onnx"
@@ -71,10 +72,6 @@ def _rope_params(config: Mapping) -> tuple[np.ndarray, list[int], float, bool]:
     inv_freq = (1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))).astype(np.float32)
     return (inv_freq, [int(s) for s in rope["mrope_section"]], 1.0,
             FAMILIES[config["model_type"]].MROPE_INTERLEAVED)
-
-
-def _provider_name(provider) -> str:
-    return provider if isinstance(provider, str) else provider[0]
 
 
 def _with_cuda_graph(provider) -> tuple[str, dict]:
@@ -149,8 +146,7 @@ class TextDecoder:
     """ONNX Runtime sessions on the exported decoder, LM head and cache-row graph, plus the KV cache
     on the sessions' device."""
 
-    def __init__(self, folder: str | Path, providers=("CPUExecutionProvider",), session_options=None,
-                 cuda_graph: bool = True):
+    def __init__(self, folder: str | Path, providers=("CPUExecutionProvider",), cuda_graph: bool = True):
         """`cuda_graph`: on CUDA, capture greedy decoding's one-token step as a CUDA graph."""
         import onnxruntime as ort
 
@@ -169,10 +165,10 @@ class TextDecoder:
             self.vocab_size = int(data["vocab_size"])
         self.embed_table = np.load(self.folder / EMBED_NAME, mmap_mode="r")
         providers = list(providers)
-        self.cuda_graph = cuda_graph and _provider_name(providers[0]) == "CUDAExecutionProvider"
+        self.cuda_graph = cuda_graph and provider_name(providers[0]) == "CUDAExecutionProvider"
         decoder_providers = [_with_cuda_graph(providers[0]), *providers[1:]] if self.cuda_graph else providers
         self.session, self.head, self.cache_rows = (
-            ort.InferenceSession(str(self.folder / name), sess_options=session_options, providers=chosen)
+            open_session(self.folder / name, chosen)
             for name, chosen in ((DECODER_NAME, decoder_providers), (LM_HEAD_NAME, providers),
                                  (CACHE_ROWS_NAME, providers)))
         # where the cache and hidden states live: the device of the provider ORT actually runs first

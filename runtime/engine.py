@@ -1,11 +1,12 @@
 """The judge engine on ONNX Runtime: candidate-label scoring, multi-view batches, a vision-group
 cache and greedy decoding. numpy + onnxruntime only: this ships to the robot.
 
-- Candidate labels: the shared prompt is prefilled once per view, its KV cache repeated once per
-  label on the device, and all labels run as one batch (one step for labels of up to two tokens). Shorter labels
-  are padded at the end; causal attention keeps every real label token blind to the padding, so
-  this equals scoring each label with its own full forward. Score = summed NLL / label token
-  count (lower is better).
+- Candidate labels: the shared prompt is prefilled once per view; each label's first token is
+  scored by the prompt's last logits, and the labels of more than one token run as one batch on
+  the prefilled KV cache (repeated on the device once per such label only when there are several;
+  one step for labels of up to two tokens). Shorter labels are padded at the end; causal
+  attention keeps every real label token blind to the padding, so this equals scoring each label
+  with its own full forward. Score = summed NLL / label token count (lower is better).
 - Views: the views of one decision whose prompts have the same length run as one batch in the
   vision encoder and the prefill; views of other lengths run one after another.
 - Vision cache: the vision graph runs one 2-frame group per batch row and no attention crosses
@@ -18,10 +19,13 @@ cache and greedy decoding. numpy + onnxruntime only: this ships to the robot.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,35 +36,12 @@ from edgejudge.errors import InputError
 from edgejudge.runtime import model as runtime_model
 from edgejudge.runtime.decoder import TextDecoder, decode_position_ids
 from edgejudge.runtime.preprocess import preprocess_video
+from edgejudge.runtime.sessions import execution_providers
 from edgejudge.runtime.video import Clip
 from edgejudge.runtime.vision import load_vision_encoder
 
 VISION_NAME = "vision.onnx"
 DIGITS = ("1", "2", "3", "4", "5")
-
-
-def execution_providers(device: str, gpu_mem_gb: float | None = None) -> list:
-    """ONNX Runtime providers for "cpu", "cuda" or "cuda:N": CUDA first, the CPU for any operator
-    CUDA lacks. `gpu_mem_gb` caps ORT's CUDA memory arena."""
-    import onnxruntime as ort
-
-    if device == "cpu":
-        if gpu_mem_gb is not None:
-            raise InputError("gpu_mem_gb applies to device 'cuda' only")
-        return ["CPUExecutionProvider"]
-    name, _, index = device.partition(":")
-    if name != "cuda" or (index and not index.isdigit()):
-        raise InputError(f"device {device!r}: expected cpu, cuda or cuda:N")
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise InputError("device cuda needs onnxruntime-gpu (pip install 'edgejudge[gpu]')")
-    # the arena grows by what is asked, not to the next power of two: ORT's default can double a
-    # multi-GiB activation request, so the peak stays near what the request needs
-    options = {"device_id": int(index or 0), "arena_extend_strategy": "kSameAsRequested"}
-    if gpu_mem_gb is not None:
-        if not gpu_mem_gb > 0:
-            raise InputError(f"gpu_mem_gb must be positive, got {gpu_mem_gb}")
-        options["gpu_mem_limit"] = int(gpu_mem_gb * 2**30)
-    return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
 
 
 def device_weight_bytes(folder: Path) -> int:
@@ -103,6 +84,21 @@ def label_positions(arrays: dict, label_ids: np.ndarray) -> tuple[np.ndarray, np
     positions = np.concatenate(
         [arrays["position_ids"], decode_position_ids(prompt_len, len(label_ids), arrays["rope_deltas"])], axis=2)
     return ids, positions
+
+
+@functools.cache
+def _workers() -> ThreadPoolExecutor:
+    """Threads for the per-group host work (cache keys, resize and patchify): hashlib, numpy's
+    copies and OpenCV release the GIL on buffers this size, and each group is independent."""
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="edgejudge-frames")
+
+
+def cache_copies(label_ids: list[np.ndarray]) -> int:
+    """Copies of a prefilled prompt's KV cache that scoring `label_ids` makes: none for labels of
+    one token (scored by the prompt's last logits) or when one label has more (it extends the
+    prefilled cache itself), else one per label of more than one token."""
+    fed = sum(len(ids) > 1 for ids in label_ids)
+    return fed if fed > 1 else 0
 
 
 def mean_nll(logits: np.ndarray, label_ids: np.ndarray) -> float:
@@ -217,36 +213,34 @@ class Engine:
         tp, patch = pp.temporal_patch_size, pp.patch_size
         have: dict[tuple, dict[str, np.ndarray]] = {}
         missing: dict[tuple[int, int], dict[tuple, np.ndarray]] = {}  # size -> key -> frames
-        plans = []
+        pool = _workers()
         with timer("preprocess"):
-            for request in requests:
-                keys = []
-                for frames, size in request:
-                    for start in range(0, len(frames), tp):
-                        group = frames[start:start + tp]
-                        key = VisionCache.key(group, size)
-                        keys.append(key)
-                        if key not in have:
-                            found = self.cache.get(key)
-                            if found is not None:
-                                have[key] = found
-                            else:  # a group repeated within this call is encoded once
-                                missing.setdefault(size, {})[key] = group
-                plans.append(keys)
+            entries = [[(frames[start:start + tp], size) for frames, size in request
+                        for start in range(0, len(frames), tp)] for request in requests]
+            plans = [list(pool.map(lambda entry: VisionCache.key(*entry), request)) for request in entries]
+            for request, keys in zip(entries, plans):
+                for (group, size), key in zip(request, keys):
+                    if key not in have:
+                        found = self.cache.get(key)
+                        if found is not None:
+                            have[key] = found
+                        else:  # a group repeated within this call is encoded once
+                            missing.setdefault(size, {})[key] = group
             batches = []
             for (height, width), groups in missing.items():
                 h, w = height // patch, width // patch
                 patches = np.empty((len(groups), h * w, pp.patch_dim), np.float32)
-                for row, frames in zip(patches, groups.values()):
-                    preprocess_video(frames, (height, width), pp, out=row)
+                list(pool.map(lambda row, frames, size=(height, width): preprocess_video(frames, size, pp, out=row),
+                              patches, groups.values()))
                 batches.append((list(groups), patches, h, w))
         with timer("vision"):
             for keys, patches, h, w in batches:
                 outputs = self.vision.run_groups(patches, h, w)
                 self.groups_encoded += len(keys)
                 for g, key in enumerate(keys):
-                    # np.take copies: an entry must not pin the whole batch's output in memory
-                    have[key] = {name: np.take(out, g, axis=axis)
+                    # views, not copies: a batch's output stays in memory while the cache holds
+                    # any of its groups (at most the cache's size in batches of groups)
+                    have[key] = {name: out[(slice(None),) * axis + (g,)]
                                  for out, (name, axis, _) in zip(outputs, self.vision.outputs)}
                     self.cache.put(key, have[key])
         return [{name: np.concatenate([have[key][name] for key in keys], axis=axis)
@@ -274,11 +268,12 @@ class Engine:
         timer = timer or StageTimer()
         label_ids = [self.token_ids(label, "label") for label in labels]
         width = max(len(ids) for ids in label_ids) - 1  # label tokens fed after the prompt
+        copies = cache_copies(label_ids)
         by_length: dict[int, list[int]] = {}
         for i, prompt in enumerate(prompts):
             by_length.setdefault(prompt.length, []).append(i)
-        for length, rows in by_length.items():  # at the peak: the prefill's cache and its copy per label
-            self.check_memory(len(rows) * (1 + len(labels) if width else 1), length + width)
+        for length, rows in by_length.items():  # at the peak: the prefill's cache and its copies
+            self.check_memory(len(rows) * (1 + copies), length + width)
         visual = self.visual(prompts, timer)
         scores = np.empty((len(prompts), len(labels)))
         for length, rows in by_length.items():
@@ -289,30 +284,35 @@ class Engine:
         return scores
 
     def _score_batch(self, hidden, prompts: list[Prompt], label_ids: list[np.ndarray]) -> np.ndarray:
-        """Score every label after each prefilled prompt row (`hidden` the prefill's OrtValue): the
-        cache repeated per label (row b * L + l = prompt b, label l), every label but its last
-        token fed to all rows at once; the LM head reads the hidden states on the device."""
-        batch, length, num_labels = len(prompts), prompts[0].length, len(label_ids)
+        """Score every label after each prefilled prompt row (`hidden` the prefill's OrtValue). A
+        label's first token is scored by the prompt's last logits; the labels of more than one
+        token ("fed") then run as one batch on the cache, repeated once per fed label when there
+        are several (row b * F + f = prompt b, fed label f), every one of their tokens but the
+        last fed to all rows at once. The LM head reads the hidden states on the device."""
+        batch, length = len(prompts), prompts[0].length
+        fed = [l for l, ids in enumerate(label_ids) if len(ids) > 1]
         width = max(len(ids) for ids in label_ids) - 1
         first = self.decoder.logits(hidden, slice(-1, None))[:, 0]  # each prompt's last position
-        rest = np.empty((batch * num_labels, width, self.decoder.vocab_size), np.float32)  # label positions
-        if width:
-            tokens = np.zeros((num_labels, width), np.int64)  # padding: any token, after the label
-            for l, ids in enumerate(label_ids):
-                tokens[l, :len(ids) - 1] = ids[:-1]
+        rest = np.empty((batch * len(fed), width, self.decoder.vocab_size), np.float32)  # fed labels' positions
+        if fed:
+            tokens = np.zeros((len(fed), width), np.int64)  # padding: any token, after the label
+            for f, l in enumerate(fed):
+                tokens[f, :len(label_ids[l]) - 1] = label_ids[l][:-1]
             tokens = np.tile(tokens, (batch, 1))
-            self.decoder.repeat_cache(num_labels)
-            deltas = np.repeat(np.concatenate([p.arrays["rope_deltas"] for p in prompts]), num_labels, axis=0)
+            if cache_copies(label_ids):
+                self.decoder.repeat_cache(len(fed))
+            deltas = np.repeat(np.concatenate([p.arrays["rope_deltas"] for p in prompts]), len(fed), axis=0)
             # ORT's GroupQueryAttention extends a cache by several tokens only for batch 1, so the
             # rows advance one token per step: one step for labels of up to two tokens.
             for j in range(width):
-                cos, sin = self.decoder.cos_sin(decode_position_ids(length + j, 1, deltas, batch * num_labels))
+                cos, sin = self.decoder.cos_sin(decode_position_ids(length + j, 1, deltas, batch * len(fed)))
                 step = self.decoder.step(self.decoder.embed(tokens[:, j:j + 1]), cos, sin, on_device=True)
                 rest[:, j] = self.decoder.logits(step)[:, 0]
-        scores = np.empty((batch, num_labels))
+        scores = np.empty((batch, len(label_ids)))
         for b in range(batch):
             for l, ids in enumerate(label_ids):
-                own = rest[b * num_labels + l, :len(ids) - 1]  # the padding positions are not read
+                # the padding positions are not read
+                own = rest[b * len(fed) + fed.index(l), :len(ids) - 1] if l in fed else first[:0]
                 scores[b, l] = mean_nll(np.concatenate([first[b:b + 1], own]), ids)
         return scores
 

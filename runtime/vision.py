@@ -25,6 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from edgejudge.errors import InputError
+from edgejudge.runtime.sessions import open_session
+
+
+# Patch rows per run of the graph when `max_groups` is not given: a run's activations (and each
+# group's attention scores) grow with its rows, while the arena shared with the decoder keeps what
+# the largest run took. 8,192 rows: W1's 128 groups of 196 patches in 4 runs (activation peak
+# measured on the H100 in benchmarks/RESULTS.md), W3's 40 groups of 760 in 4.
+PATCHES_PER_RUN = 8192
 
 
 def merge_order_positions(h: int, w: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
@@ -99,15 +107,13 @@ class GroupedVisionGraph:
     """
 
     def __init__(self, onnx_path: str | Path, providers=("CPUExecutionProvider",), max_groups: int | None = None):
-        import onnxruntime as ort
-
         self.path = Path(onnx_path)
         tables = self.path.with_suffix(".npz")
         if not self.path.is_file() or not tables.is_file():
             raise InputError(f"{self.path}: no vision graph (expected {self.path.name} and {tables.name})")
         with np.load(tables) as data:
             self.tables = {k: data[k] for k in data.files}
-        self.session = ort.InferenceSession(str(self.path), providers=list(providers))
+        self.session = open_session(self.path, providers)
         self.outputs = [(o.name, o.shape.index("groups"), o.shape[: o.shape.index("groups")])
                         for o in self.session.get_outputs()]
         # fp16 graphs take fp16 patches and position embeddings (HF casts to the weights' dtype)
@@ -140,7 +146,7 @@ class GroupedVisionGraph:
             raise InputError(f"patches of shape {patches.shape} do not fit a {h}x{w} grid of {self.patch_dim}-value patches")
         self.grid_inputs(h, w)
         tables = self._grid_cache[(int(h), int(w))]
-        step = self.max_groups or max(len(patches), 1)
+        step = self.max_groups or max(1, PATCHES_PER_RUN // (h * w))
         runs = [self.session.run(None, {"patches": patches[i:i + step], **tables}) for i in range(0, len(patches), step)]
         return [np.concatenate([run[k] for run in runs], axis=axis) for k, (_, axis, _) in enumerate(self.outputs)]
 

@@ -64,7 +64,8 @@ def test_w1_report(w1):
         assert row["peak_memory_gib"] > 0 and "RSS" in row["memory_source"] and row["estimate"]["total_gib"] > 0
         assert row["answer"]["prediction"] in ("complete", "not complete")
         total = sum(row["gflops"].values()) * 1e9
-        assert row["tflops_effective"] == pytest.approx(total / (row["latency_ms"]["p50"] / 1e3) / 1e12, rel=2e-3)
+        # the report keeps 3 significant digits: up to 5e-3 relative
+        assert row["tflops_effective"] == pytest.approx(total / (row["latency_ms"]["p50"] / 1e3) / 1e12, rel=5e-3)
     assert ours["stages_ms"]["scoring"]["p50"] > 0
     assert ours["vs"]["hf"] == round(hf["latency_ms"]["p50"] / ours["latency_ms"]["p50"], 2)
     assert ours["gflops"] == hf["gflops"]  # the workload's count, whoever runs it

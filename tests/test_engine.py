@@ -24,8 +24,9 @@ from edgejudge.export.fixtures import tiny_model_dir
 from edgejudge.export.onnx import export_onnx
 from edgejudge.export.verify import reference_scorer
 from edgejudge.runtime import model as runtime_model
-from edgejudge.runtime.engine import (StageTimer, check_gpu_memory, device_weight_bytes, execution_providers,
+from edgejudge.runtime.engine import (StageTimer, cache_copies, check_gpu_memory, device_weight_bytes,
                                       label_positions, mean_nll)
+from edgejudge.runtime.sessions import execution_providers
 from edgejudge.runtime.video import read_video
 from edgejudge.specs import JudgeSpec, get_spec
 
@@ -88,18 +89,26 @@ def spy(monkeypatch, obj, name: str, record) -> list:
     return calls
 
 
-def test_batched_labels_equal_own_forward(judge, monkeypatch):
+@pytest.mark.parametrize("labels", [LABELS, LABELS[:2], ("complete", "not")],
+                         ids=["two-multi-token-labels", "one-multi-token-label", "one-token-labels"])
+def test_batched_labels_equal_own_forward(judge, monkeypatch, labels):
+    """Whatever the labels' lengths (the cache copied per label of several tokens, extended in
+    place for the only one, or not extended at all), the scores equal each label's own forward."""
     engine = judge.engine
     clips = [read_video(frames(1)), read_video(frames(2))]
     prefills = spy(monkeypatch, engine.decoder, "prefill", lambda embeds, *_: embeds.shape[0])
     steps = spy(monkeypatch, engine.decoder, "step", lambda embeds, *_: embeds.shape[:2])
-    scores = engine.score_labels([engine.prompt([c], TEXT) for c in clips], LABELS)
-    lengths = [len(engine.model.prompter.encode(label)) for label in LABELS]
-    assert lengths[0] == 1 and max(lengths) > 2  # padding and several label steps are exercised
+    repeats = spy(monkeypatch, engine.decoder, "repeat_cache", lambda repeats: repeats)
+    scores = engine.score_labels([engine.prompt([c], TEXT) for c in clips], labels)
+    lengths = [len(engine.model.prompter.encode(label)) for label in labels]
+    fed = sum(n > 1 for n in lengths)
+    assert fed == {LABELS: 2, LABELS[:2]: 1}.get(labels, 0)
+    assert lengths[0] == 1 and (labels != LABELS or max(lengths) > 2)  # padding, several label steps
     assert prefills == [2]  # both views in one prefill
-    assert steps == [(2 * len(LABELS), 1)] * (max(lengths) - 1)  # all rows together, one step per label position
+    assert steps == [(2 * fed, 1)] * (max(lengths) - 1)  # all fed rows together, one step per label position
+    assert repeats == ([fed] if fed > 1 else [])
     monkeypatch.undo()
-    reference = np.array([own_forward_scores(judge, c, LABELS) for c in clips])
+    reference = np.array([own_forward_scores(judge, c, labels) for c in clips])
     diff = np.abs(scores - reference).max()
     print(f"batched vs own full forward: max |dNLL| {diff:.1e}")
     assert diff <= 1e-5
@@ -279,12 +288,14 @@ def test_gpu_memory_cap(artifact, monkeypatch):
     layer_bytes = 2 * 3 * decoder.num_kv_heads * 100 * decoder.head_dim * 4  # keys + values, 3 x 100 tokens, fp32
     assert decoder.kv_cache_bytes(3, 100) == decoder.num_layers * layer_bytes
     prompts = [engine.prompt([read_video(frames(1))], TEXT), engine.prompt([read_video(frames(2))], TEXT)]
-    width = max(len(engine.model.prompter.encode(label)) for label in LABELS) - 1
-    kv = decoder.kv_cache_bytes(2 * (1 + len(LABELS)), prompts[0].length + width)  # prefill + repeated cache
+    label_ids = [engine.model.prompter.encode(label) for label in LABELS]
+    width = max(len(ids) for ids in label_ids) - 1
+    rows = 2 * (1 + cache_copies(label_ids))  # the prefill's cache and its copies
+    kv = decoder.kv_cache_bytes(rows, prompts[0].length + width)
     runs = spy(monkeypatch, engine.vision, "run_groups", lambda *_: 1)
     engine.gpu_mem_gb = (weights + kv // 2) / 2**30
     with pytest.raises(InputError, match=rf"estimated {(weights + kv) / 2**30:.3g} GiB on the GPU .* KV cache "
-                                         rf"{kv / 2**30:.3g} GiB for 8 x {prompts[0].length + width} tokens\) is over"):
+                                         rf"{kv / 2**30:.3g} GiB for {rows} x {prompts[0].length + width} tokens\) is over"):
         engine.score_labels(prompts, LABELS)
     assert runs == []  # refused up front
     engine.gpu_mem_gb = (weights + kv) / 2**30 * 1.01
@@ -293,13 +304,34 @@ def test_gpu_memory_cap(artifact, monkeypatch):
         check_gpu_memory(1e-4, weights)  # what Engine() checks before loading a session
 
 
+def test_out_of_memory_is_one_line(judge, monkeypatch):
+    """ORT's arena refusing an allocation (over the cap) reaches the caller as an InputError of one
+    line; other runtime errors pass through unchanged."""
+    message = ("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while running "
+               "MatMulNBits node.\nFailed to allocate memory for requested buffer of size 52428800\nStacktrace:")
+
+    def fail(*_):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(judge.engine, "score_labels", fail)
+    monkeypatch.setattr(judge.engine, "gpu_mem_gb", 16.0)
+    f = frames(1)
+    with pytest.raises(InputError, match=r"^the request ran out of the 16 GiB cap: Failed to allocate memory "
+                                         r"for requested buffer of size 52428800$"):
+        judge.check("Open the drawer.", {"right": f, "left": f}, sample="none")
+    monkeypatch.setattr(judge.engine, "score_labels", lambda *_: (_ for _ in ()).throw(RuntimeError("other")))
+    with pytest.raises(RuntimeError, match="^other$"):
+        judge.check("Open the drawer.", {"right": f, "left": f}, sample="none")
+
+
 def test_cuda_providers():
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         providers = execution_providers("cuda:1", gpu_mem_gb=2)
-        assert providers == [("CUDAExecutionProvider", {"device_id": 1, "gpu_mem_limit": 2 << 30}),
-                             "CPUExecutionProvider"]
+        assert providers == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+        with pytest.raises(InputError, match="already runs cuda:1 with 2 GiB cap"):
+            execution_providers("cuda:1", gpu_mem_gb=4)
     else:
         with pytest.raises(InputError, match="needs onnxruntime-gpu"):
             execution_providers("cuda")

@@ -1,0 +1,159 @@
+"""Where W1's time and memory go: `Judge.check` on 2 views x 64 frames of 224x224, split into the
+calls it makes, with the GPU's used memory after each stage.
+
+    python benchmarks/w1_cuda.py ARTIFACT [--runs 20] [--gpu-mem-gb 16] [--no-shared-arena]
+                                          [--patches-per-run N] [--provider-option K=V ...]
+
+- Calls: each engine / decoder / vision method below is wrapped by a clock (ONNX Runtime's runs
+  return when the device is done, so host clocks around them hold the device time); p50 ms per
+  call name over the timed runs, summed within a run.
+- Memory: NVML's used memory of the GPU minus the reading before the judge loaded, after loading
+  and after each stage of the first run, and the peak polled every 2 ms over the whole process.
+- `--no-shared-arena`: every session keeps its own arena (ONNX Runtime's default), for the
+  comparison with `edgejudge.runtime.sessions`' shared one; `--provider-option K=V` adds CUDA
+  provider options.
+(ONNX Runtime's own profile is not used: on CUDA it times each kernel's launch on the host, not
+its device time.)
+Torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from collections import defaultdict
+
+import numpy as np
+import onnxruntime as ort
+
+from edgejudge import Judge
+from edgejudge.bench import open_nvml
+from edgejudge.runtime import engine as engine_module
+from edgejudge.runtime import sessions
+from edgejudge.runtime import vision as vision_module
+
+GIB = 2**30
+INSTRUCTION = "Pick the mug from the counter and place it in the sink."
+
+
+class Clock:
+    """Wraps callables so each call adds its wall time to `ms[name]` (per run); while `trace` is a
+    list, each call also appends (name, device memory in use after it, GiB)."""
+
+    def __init__(self, used):
+        self.ms: dict[str, float] = defaultdict(float)
+        self.used = used
+        self.trace: list | None = None
+
+    def wrap(self, owner, attribute: str, name: str) -> None:
+        original = getattr(owner, attribute)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.ms[name] += (time.perf_counter() - start) * 1e3
+                if self.trace is not None:
+                    self.trace.append((name, round(self.used() / GIB, 3)))
+
+        setattr(owner, attribute, timed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("artifact")
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--frames", type=int, default=64)
+    parser.add_argument("--gpu-mem-gb", type=float)
+    parser.add_argument("--no-shared-arena", action="store_true")
+    parser.add_argument("--patches-per-run", type=int, help="the vision graph's patch rows per run "
+                        "(default: edgejudge.runtime.vision.PATCHES_PER_RUN)")
+    parser.add_argument("--provider-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra CUDA provider option (repeatable)")
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run")
+    args = parser.parse_args()
+    if args.no_shared_arena:  # ORT's default: one arena per session
+        sessions.share_cuda_arena = lambda device_id, max_mem: None
+        sessions.open_session = lambda path, providers: ort.InferenceSession(str(path), providers=list(providers))
+        for module in ("edgejudge.runtime.vision", "edgejudge.runtime.decoder"):
+            __import__(module, fromlist=["open_session"]).open_session = sessions.open_session
+    if args.patches_per_run:
+        vision_module.PATCHES_PER_RUN = args.patches_per_run
+    if args.provider_option:
+        extra = dict(option.split("=", 1) for option in args.provider_option)
+        providers = sessions.execution_providers
+
+        def with_options(device, gpu_mem_gb=None):
+            chosen = providers(device, gpu_mem_gb)
+            return [(chosen[0][0], {**chosen[0][1], **extra}), *chosen[1:]] if device != "cpu" else chosen
+
+        engine_module.execution_providers = with_options
+    nvml = open_nvml(args.device)
+    used = nvml.used if nvml else (lambda: 0)  # a CPU smoke run has no device memory to read
+    idle = used()
+    peak = [idle]
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], used())
+            time.sleep(0.002)
+
+    threading.Thread(target=poll, daemon=True).start()
+    memory: dict[str, float] = {}
+    judge = Judge.load(args.artifact, spec="robocasa-completion", device=args.device, gpu_mem_gb=args.gpu_mem_gb)
+    memory["loaded"] = (used() - idle) / GIB
+    engine = judge.engine
+    clock = Clock(lambda: used() - idle)
+    clock.trace = []  # the first run's calls
+    decoder, vision = engine.decoder, engine.vision
+    for owner, attribute, name in (
+            (engine, "prompt", "engine.prompt"), (engine, "visual", "engine.visual"),
+            (engine, "prefill", "engine.prefill"), (engine, "_score_batch", "engine.score_batch"),
+            (engine_module.VisionCache, "key", "vision_cache.key"), (engine_module, "preprocess_video", "preprocess_video"),
+            (vision, "run_groups", "vision.run_groups"), (decoder, "multimodal_embeds", "decoder.multimodal_embeds"),
+            (decoder, "cos_sin", "decoder.cos_sin"), (decoder, "reset", "decoder.reset"), (decoder, "_run", "decoder.run"),
+            (decoder, "logits", "decoder.logits"), (decoder, "repeat_cache", "decoder.repeat_cache"),
+            (engine_module, "mean_nll", "mean_nll")):
+        clock.wrap(owner, attribute, name)
+    shape: dict[str, int] = {}
+    for owner, attribute, name in ((engine, "visual", "vision"), (decoder, "reset", "kv_cache"),
+                                   (engine, "prefill", "prefill"), (engine, "_score_batch", "scoring")):
+
+        def after(*a, _inner=getattr(owner, attribute), _name=name, **k):
+            out = _inner(*a, **k)
+            memory.setdefault(_name, (used() - idle) / GIB)  # the first run, when the stage first allocates
+            if _name == "prefill":
+                shape.update(rows=len(a[0]), tokens=a[0][0].length)
+            return out
+
+        setattr(owner, attribute, after)
+    rng = np.random.default_rng(0)
+    views = {name: rng.integers(0, 256, (args.frames, 224, 224, 3), dtype=np.uint8) for name in ("right", "left")}
+    samples: dict[str, list[float]] = defaultdict(list)
+    for run in range(args.runs + 3):
+        engine.cache.entries.clear()
+        clock.ms.clear()
+        decision = judge.check(INSTRUCTION, views, fps=20.0, sample="none")
+        if run == 0:
+            first_run_trace, clock.trace = clock.trace, None
+        if run >= 3:
+            for name, ms in {**clock.ms, **{f"stage.{k}": v for k, v in decision.timings_ms.items()}}.items():
+                samples[name].append(ms)
+    done.set()
+    report = {
+        "artifact": args.artifact, "shared_arena": not args.no_shared_arena, "gpu_mem_gb": args.gpu_mem_gb,
+        "provider_options": args.provider_option, "patches_per_run": vision_module.PATCHES_PER_RUN,
+        "p50_ms": {name: round(float(np.median(v)), 2) for name, v in sorted(samples.items())},
+        "memory_gib_after": {k: round(v, 3) for k, v in memory.items()},
+        "peak_gib": round((peak[0] - idle) / GIB, 3), "first_run_memory_trace": first_run_trace,
+        "prefill_rows": shape, "onnxruntime": ort.__version__,
+    }
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
