@@ -86,10 +86,15 @@ def label_positions(arrays: dict, label_ids: np.ndarray) -> tuple[np.ndarray, np
     return ids, positions
 
 
-@functools.cache
 def _workers() -> ThreadPoolExecutor:
     """Threads for the per-group host work (cache keys, resize and patchify): hashlib, numpy's
-    copies and OpenCV release the GIL on buffers this size, and each group is independent."""
+    copies and OpenCV release the GIL on buffers this size, and each group is independent. One
+    pool per process: a forked child does not inherit its parent's threads."""
+    return _pool_of(os.getpid())
+
+
+@functools.cache
+def _pool_of(pid: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="edgejudge-frames")
 
 
