@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -350,3 +351,25 @@ def test_judge_runs_without_torch(artifact):
     assert proc.returncode == 0, proc.stderr
     label, imported = proc.stdout.splitlines()
     assert label in ROBOCASA.labels and imported == ""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_frame_workers_in_a_forked_child():
+    """The frame-preparation threads are per process: a child forked after the parent used them
+    gets a pool of its own that runs (an inherited pool would have no threads and hang)."""
+    from edgejudge.runtime.engine import _workers
+
+    parent = _workers()
+    assert list(parent.map(abs, [-1, -2])) == [1, 2]
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the pipe, never return into pytest
+        try:
+            ok = _workers() is not parent and _workers().submit(abs, -3).result(timeout=10) == 3
+        except Exception:
+            ok = False
+        os.write(write, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    assert os.read(read, 1) == b"1" and status == 0
