@@ -47,69 +47,20 @@ from types import ModuleType
 
 import numpy as np
 
-from edgejudge.export.onnx_io import IR_VERSION, OPSET, save_onnx
+from edgejudge.export.onnx_graph import MS_DOMAIN, Graph, as_numpy, cast, linear, tensor_type
+from edgejudge.export.onnx_io import save_onnx
 
-MS_DOMAIN = "com.microsoft"
 DECODER_NAME, LM_HEAD_NAME, EMBED_NAME, SIDECAR_NAME = "decoder.onnx", "lm_head.onnx", "embed.npy", "decoder.npz"
 CACHE_ROWS_NAME = "cache_rows.onnx"
 FLOAT_TYPES = {"fp32": np.float32, "fp16": np.float16}
 
 
-def _np(t, dtype=np.float32) -> np.ndarray:
-    return t.detach().float().cpu().numpy().astype(dtype, copy=False)
-
-
-class _Graph:
-    """A tiny onnx.helper wrapper: unique names, initializers in one float type, nodes."""
-
-    def __init__(self, dtype=np.float32):
-        from onnx import helper, numpy_helper
-
-        self.helper, self.numpy_helper = helper, numpy_helper
-        self.dtype = dtype
-        self.nodes, self.inits, self._n = [], [], 0
-
-    def name(self, base: str) -> str:
-        self._n += 1
-        return f"{base}_{self._n}"
-
-    def const(self, name: str, array: np.ndarray) -> str:
-        self.inits.append(self.numpy_helper.from_array(np.require(array, requirements="C"), name))
-        return name
-
-    def weight(self, name: str, tensor) -> str:
-        """A model weight (torch tensor) as an initializer in the graph's float type."""
-        return self.const(name, _np(tensor, self.dtype))
-
-    def op(self, op_type: str, inputs, outputs=1, domain: str = "", name: str | None = None, **attrs):
-        node_name = name or self.name(op_type)
-        outs = [f"{node_name}/out{i}" for i in range(outputs)] if isinstance(outputs, int) else list(outputs)
-        self.nodes.append(self.helper.make_node(op_type, list(inputs), outs, name=node_name, domain=domain, **attrs))
-        return outs[0] if len(outs) == 1 else outs
-
-
-def _linear(g: _Graph, x: str, linear, name: str) -> str:
-    """y = x @ W.T (+ b) for an HF nn.Linear. The MatMul keeps `name`, so the weight-only quantizer
-    turns it into MatMulNBits and the int8-layer choice can address it by layer."""
-    y = g.op("MatMul", [x, g.const(f"{name}.weight_t", _np(linear.weight, g.dtype).T)], name=name)
-    if linear.bias is not None:
-        y = g.op("Add", [y, g.weight(f"{name}.bias", linear.bias)], name=f"{name}/bias")
-    return y
-
-
-def _rms_norm(g: _Graph, x: str, weight, eps: float, name: str) -> str:
+def _rms_norm(g: Graph, x: str, weight, eps: float, name: str) -> str:
     return g.op("SimplifiedLayerNormalization", [x, g.weight(f"{name}.weight", weight)], name=name, axis=-1,
                 epsilon=float(eps), stash_type=1)
 
 
-def _cast(g: _Graph, x: str, dtype, name: str) -> str:
-    """x in `dtype`; nothing when the graph's float type is float32 throughout."""
-    if g.dtype == np.float32:
-        return x
-    return g.op("Cast", [x], name=name, to=_tensor_type(dtype))
-
-
-def _residual_norm(g: _Graph, x: str, residual: str | None, weight, eps: float, name: str) -> tuple[str, str]:
+def _residual_norm(g: Graph, x: str, residual: str | None, weight, eps: float, name: str) -> tuple[str, str]:
     """(rms_norm(x + residual) * weight in the graph's float type, x + residual in float32).
 
     The residual stream stays float32 in fp16 graphs: each layer's output is added to it in
@@ -117,8 +68,8 @@ def _residual_norm(g: _Graph, x: str, residual: str | None, weight, eps: float, 
     stream to fp16 after every add, an error that grows with depth; a float32 stream removes it
     for one (S, hidden) float32 add per layer. `residual` None: the first norm, x is the stream.
     """
-    x32 = _cast(g, x, np.float32, f"{name}/x_fp32")
-    weight32 = g.const(f"{name}.weight", _np(weight, np.float32))
+    x32 = cast(g, x, np.float32, f"{name}/x_fp32")
+    weight32 = g.const(f"{name}.weight", as_numpy(weight, np.float32))
     if residual is None:
         normed = g.op("SimplifiedLayerNormalization", [x32, weight32], name=name, axis=-1, epsilon=float(eps),
                       stash_type=1)
@@ -128,10 +79,10 @@ def _residual_norm(g: _Graph, x: str, residual: str | None, weight, eps: float, 
         g.op("SkipSimplifiedLayerNormalization", [x32, residual, weight32], outs, domain=MS_DOMAIN, name=name,
              epsilon=float(eps))
         normed, stream = outs[0], outs[3]
-    return _cast(g, normed, g.dtype, f"{name}/to_float_type"), stream
+    return cast(g, normed, g.dtype, f"{name}/to_float_type"), stream
 
 
-def _rotary(g: _Graph, x4: str, cos4: str, sin4: str, flat_shape: str, half: str, name: str) -> str:
+def _rotary(g: Graph, x4: str, cos4: str, sin4: str, flat_shape: str, half: str, name: str) -> str:
     """x (B, S, heads, D) -> rotate-half rotary with cos/sin (B, S, 1, D) -> (B, S, heads*D)."""
     x1, x2 = g.op("Split", [x4, half], outputs=[f"{name}/x1", f"{name}/x2"], name=f"{name}/split", axis=-1)
     rot = g.op("Concat", [g.op("Neg", [x2], name=f"{name}/neg"), x1], name=f"{name}/rotate_half", axis=-1)
@@ -143,12 +94,6 @@ def _rotary(g: _Graph, x4: str, cos4: str, sin4: str, flat_shape: str, half: str
 def _text_config(model):
     config = model.config
     return getattr(config, "text_config", config)
-
-
-def _tensor_type(dtype) -> int:
-    from onnx import TensorProto
-
-    return TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
 
 
 def build_decoder_graph(model, deepstack_taps: int, float_type: str = "fp32"):
@@ -165,7 +110,7 @@ def build_decoder_graph(model, deepstack_taps: int, float_type: str = "fp32"):
     if tc.hidden_act != "silu":
         raise NotImplementedError(f"hidden_act {tc.hidden_act!r}")
 
-    g = _Graph(FLOAT_TYPES[float_type])
+    g = Graph(FLOAT_TYPES[float_type])
     q_heads = g.const("shape.q_heads", np.array([0, 0, heads, head_dim], np.int64))
     kv_heads_shape = g.const("shape.kv_heads", np.array([0, 0, kv_heads, head_dim], np.int64))
     flat = g.const("shape.flat", np.array([0, 0, -1], np.int64))
@@ -182,9 +127,9 @@ def build_decoder_graph(model, deepstack_taps: int, float_type: str = "fp32"):
     for i, layer in enumerate(layers):
         p = f"layers.{i}"
         attn = layer.self_attn
-        q = g.op("Reshape", [_linear(g, x, attn.q_proj, f"{p}.q_proj"), q_heads], name=f"{p}.q/to_heads")
-        k = g.op("Reshape", [_linear(g, x, attn.k_proj, f"{p}.k_proj"), kv_heads_shape], name=f"{p}.k/to_heads")
-        v = _linear(g, x, attn.v_proj, f"{p}.v_proj")
+        q = g.op("Reshape", [linear(g, x, attn.q_proj, f"{p}.q_proj"), q_heads], name=f"{p}.q/to_heads")
+        k = g.op("Reshape", [linear(g, x, attn.k_proj, f"{p}.k_proj"), kv_heads_shape], name=f"{p}.k/to_heads")
+        v = linear(g, x, attn.v_proj, f"{p}.v_proj")
         if hasattr(attn, "q_norm"):  # Qwen3-VL: RMSNorm over head_dim of each head, before the rotary
             q = _rms_norm(g, q, attn.q_norm.weight, eps, f"{p}.q_norm")
             k = _rms_norm(g, k, attn.k_norm.weight, eps, f"{p}.k_norm")
@@ -194,14 +139,14 @@ def build_decoder_graph(model, deepstack_taps: int, float_type: str = "fp32"):
         g.op("GroupQueryAttention", [q, k, v, f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length"],
              outs, domain=MS_DOMAIN, name=f"{p}.attn", num_heads=heads, kv_num_heads=kv_heads,
              scale=float(attn.scaling), do_rotary=0)
-        o = _linear(g, outs[0], attn.o_proj, f"{p}.o_proj")
+        o = linear(g, outs[0], attn.o_proj, f"{p}.o_proj")
         x, residual = _residual_norm(g, o, residual, layer.post_attention_layernorm.weight, eps,
                                      f"{p}.post_attention_layernorm")
         mlp = layer.mlp
-        gate = _linear(g, x, mlp.gate_proj, f"{p}.mlp.gate_proj")
-        up = _linear(g, x, mlp.up_proj, f"{p}.mlp.up_proj")
+        gate = linear(g, x, mlp.gate_proj, f"{p}.mlp.gate_proj")
+        up = linear(g, x, mlp.up_proj, f"{p}.mlp.up_proj")
         act = g.op("Mul", [gate, g.op("Sigmoid", [gate], name=f"{p}.mlp.sigmoid")], name=f"{p}.mlp.silu")
-        y = _linear(g, g.op("Mul", [act, up], name=f"{p}.mlp.swiglu"), mlp.down_proj, f"{p}.mlp.down_proj")
+        y = linear(g, g.op("Mul", [act, up], name=f"{p}.mlp.swiglu"), mlp.down_proj, f"{p}.mlp.down_proj")
         if i < deepstack_taps:  # HF: hidden = (residual + mlp) ; hidden[visual] += deepstack[i]
             y = g.op("Add", [y, taps[i]], name=f"{p}.deepstack_add")
         if i + 1 < n_layers:
@@ -211,7 +156,7 @@ def build_decoder_graph(model, deepstack_taps: int, float_type: str = "fp32"):
             hidden_out, _ = _residual_norm(g, y, residual, lm.norm.weight, eps, "norm")
     g.op("Identity", [hidden_out], ["hidden"], name="hidden")
 
-    f, i32 = _tensor_type(g.dtype), TensorProto.INT32
+    f, i32 = tensor_type(g.dtype), TensorProto.INT32
     inputs = [
         helper.make_tensor_value_info("inputs_embeds", f, ["batch", "seq", hidden]),
         helper.make_tensor_value_info("cos", f, ["batch", "seq", head_dim]),
@@ -229,11 +174,7 @@ def build_decoder_graph(model, deepstack_taps: int, float_type: str = "fp32"):
             inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", f, ["batch", kv_heads, "past_seq", head_dim]))
             outputs.append(helper.make_tensor_value_info(f"present_{kind}_{i}", f,
                                                          ["batch", kv_heads, "total_seq", head_dim]))
-    graph = helper.make_graph(g.nodes, f"{model.config.model_type}_text_decoder", inputs, outputs, initializer=g.inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
-                              producer_name="edgejudge")
-    proto.ir_version = IR_VERSION
-    return proto
+    return g.model(f"{model.config.model_type}_text_decoder", inputs, outputs)
 
 
 def build_cache_rows_graph(num_layers: int, kv_heads: int, head_dim: int, dtype=np.float32):
@@ -241,8 +182,8 @@ def build_cache_rows_graph(num_layers: int, kv_heads: int, head_dim: int, dtype=
     `key_i_rows`, `value_i_rows` (N, kv_heads, seq, head_dim): cache row rows[n] becomes row n."""
     from onnx import TensorProto, helper
 
-    f = _tensor_type(dtype)
-    g = _Graph(dtype)
+    f = tensor_type(dtype)
+    g = Graph(dtype)
     inputs = [helper.make_tensor_value_info("rows", TensorProto.INT64, ["rows"])]
     outputs = []
     for i in range(num_layers):
@@ -251,10 +192,7 @@ def build_cache_rows_graph(num_layers: int, kv_heads: int, head_dim: int, dtype=
             g.op("Gather", [name, "rows"], [f"{name}_rows"], name=f"{name}/gather", axis=0)
             inputs.append(helper.make_tensor_value_info(name, f, ["batch", kv_heads, "seq", head_dim]))
             outputs.append(helper.make_tensor_value_info(f"{name}_rows", f, ["rows", kv_heads, "seq", head_dim]))
-    graph = helper.make_graph(g.nodes, "cache_rows", inputs, outputs)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgejudge")
-    proto.ir_version = IR_VERSION
-    return proto
+    return g.model("cache_rows", inputs, outputs)
 
 
 def _external_tensor(name: str, dtype, shape: tuple[int, ...], location: str, offset: int):
@@ -262,7 +200,7 @@ def _external_tensor(name: str, dtype, shape: tuple[int, ...], location: str, of
     from onnx import TensorProto
 
     tensor = TensorProto()
-    tensor.name, tensor.data_type = name, _tensor_type(dtype)
+    tensor.name, tensor.data_type = name, tensor_type(dtype)
     tensor.dims.extend(shape)
     tensor.data_location = TensorProto.EXTERNAL
     length = int(np.prod(shape)) * np.dtype(dtype).itemsize
@@ -275,21 +213,15 @@ def _external_tensor(name: str, dtype, shape: tuple[int, ...], location: str, of
 def _head_io(hidden: int, vocab: int, dtype):
     from onnx import TensorProto, helper
 
-    return ([helper.make_tensor_value_info("hidden", _tensor_type(dtype), ["batch", "k", hidden])],
+    return ([helper.make_tensor_value_info("hidden", tensor_type(dtype), ["batch", "k", hidden])],
             [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "k", vocab])])
 
 
-def _head_model(g: _Graph, name: str, hidden: int, vocab: int, extra_inits=()):
-    from onnx import helper
-
-    inputs, outputs = _head_io(hidden, vocab, g.dtype)
-    graph = helper.make_graph(g.nodes, name, inputs, outputs, initializer=list(extra_inits) + g.inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgejudge")
-    proto.ir_version = IR_VERSION
-    return proto
+def _head_model(g: Graph, name: str, hidden: int, vocab: int, extra_inits=()):
+    return g.model(name, *_head_io(hidden, vocab, g.dtype), extra_inits)
 
 
-def _to_float32_logits(g: _Graph, logits: str) -> None:
+def _to_float32_logits(g: Graph, logits: str) -> None:
     from onnx import TensorProto
 
     if g.dtype == np.float32:
@@ -301,7 +233,7 @@ def _to_float32_logits(g: _Graph, logits: str) -> None:
 def build_lm_head_graph(hidden: int, vocab: int, weight_location: str, offset: int, dtype=np.float32):
     """`hidden` (B, K, hidden) -> `logits` (B, K, vocab) float32 = hidden @ W.T, W (vocab, hidden) read
     from `weight_location` (raw, C order, `dtype`) at byte `offset`."""
-    g = _Graph(dtype)
+    g = Graph(dtype)
     weight = _external_tensor("lm_head.weight", dtype, (vocab, hidden), weight_location, offset)
     rows = g.const("shape.rows", np.array([-1, hidden], np.int64))
     flat = g.op("Reshape", ["hidden", rows], name="to_rows")
@@ -318,7 +250,7 @@ def build_quantizable_lm_head_graph(weight: np.ndarray):
     """The LM head as one MatMul on a constant W.T (what the weight-only quantizer rewrites to
     MatMulNBits, for an int8 head): `hidden` (B, K, hidden) -> float32 `logits`."""
     vocab, hidden = weight.shape
-    g = _Graph(weight.dtype.type)
+    g = Graph(weight.dtype.type)
     logits = g.op("MatMul", ["hidden", g.const("lm_head.weight_t", np.ascontiguousarray(weight.T))], name="lm_head")
     _to_float32_logits(g, logits)
     return _head_model(g, "lm_head", hidden, vocab)
@@ -337,7 +269,7 @@ def sidecar_arrays(model, deepstack_taps: int, mrope_interleaved: bool) -> dict[
     rope = getattr(tc, "rope_parameters", None) or getattr(tc, "rope_scaling", None) or {}
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
     return {
-        "inv_freq": _np(lm.rotary_emb.inv_freq),
+        "inv_freq": as_numpy(lm.rotary_emb.inv_freq),
         "attention_scaling": np.float32(lm.rotary_emb.attention_scaling),
         "mrope_section": np.asarray(rope["mrope_section"], np.int64),
         "mrope_interleaved": np.bool_(mrope_interleaved),
@@ -370,11 +302,11 @@ def export_decoder_onnx(model, out_dir: str | Path, family: ModuleType, float_ty
     proto = build_decoder_graph(model, taps, float_type)
     save_onnx(proto, out_dir / DECODER_NAME, {"edgejudge.component": f"{model.config.model_type}.decoder",
                                               "edgejudge.text_config": json.dumps(tc.to_dict())})
-    np.save(out_dir / EMBED_NAME, _np(model.model.language_model.embed_tokens.weight, dtype))
+    np.save(out_dir / EMBED_NAME, as_numpy(model.model.language_model.embed_tokens.weight, dtype))
     weight, tied = head_weight(model)
     head_file = EMBED_NAME if tied else "lm_head.npy"
     if not tied:
-        np.save(out_dir / head_file, _np(weight, dtype))
+        np.save(out_dir / head_file, as_numpy(weight, dtype))
     vocab, hidden = weight.shape
     head_proto = build_lm_head_graph(hidden, vocab, head_file, _npy_data_offset(out_dir / head_file, dtype), dtype)
     onnx.save_model(head_proto, str(out_dir / LM_HEAD_NAME))

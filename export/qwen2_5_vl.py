@@ -23,8 +23,10 @@ The 2D rotary tables `cos`, `sin` (S, head_dim) are also computed outside the gr
 processor's order. The data they need (the rotary inverse frequencies) is written next to the graph
 as `<name>.npz`, with the few config numbers the runtime needs.
 
-The attention is plain batched matmul + softmax in fp32: one group per batch row. The weights always
-go to one external-data file (`<name>.onnx.data`), as for Qwen3-VL.
+The graph is built node by node from ONNX Runtime's fused operators (`export/onnx_graph.py`), as
+Qwen3-VL's: per block a fused residual-add + RMSNorm, the rotary in float32, MultiHeadAttention
+with one group per batch row (the window mask as its attention bias), and the SiLU-gated MLP. The
+weights go to one external-data file (`<name>.onnx.data`).
 """
 
 from __future__ import annotations
@@ -36,15 +38,15 @@ import torch
 from torch import nn
 
 from edgejudge.export import onnx_io
+from edgejudge.export.onnx_graph import Graph, cast, linear, merged_rows, merger_mlp, tensor_type, vision_blocks, vision_rotary
 
 INPUT_NAMES = ("patches", "window_mask", "cos", "sin")
+OUTPUT_NAMES = ("features",)
+FP16_LOWEST = -65504.0
 
 
 def deepstack_taps(config) -> int:
     return 0
-
-
-OUTPUT_NAMES = ("features",)
 
 
 def _config_int(config, *names: str) -> int:
@@ -55,34 +57,54 @@ def _config_int(config, *names: str) -> int:
     raise AttributeError(f"vision config has none of {names}")
 
 
-class VisionGroupEncoder(nn.Module):
-    """HF's `Qwen2_5_VisionTransformerPretrainedModel` weights, run on a batch of independent
+def _block_mlp(g: Graph, x: str, block, name: str):
+    """down_proj(silu(gate_proj(x)) * up_proj(x)), without down_proj's bias."""
+    mlp = block.mlp
+    gate = linear(g, x, mlp.gate_proj, f"{name}.gate_proj")
+    act = g.op("Mul", [gate, g.op("Sigmoid", [gate], name=f"{name}.sigmoid")], name=f"{name}.silu")
+    gated = g.op("Mul", [act, linear(g, x, mlp.up_proj, f"{name}.up_proj")], name=f"{name}.gated")
+    return linear(g, gated, mlp.down_proj, f"{name}.down_proj", bias=False), mlp.down_proj.bias
+
+
+def build_vision_graph(visual: nn.Module, float_type=np.float32):
+    """The ModelProto of HF's `Qwen2_5_VisionTransformerPretrainedModel` on a batch of independent
     temporal-patch groups."""
+    from onnx import TensorProto, helper
 
-    def __init__(self, visual: nn.Module):
-        super().__init__()
-        self.visual = visual
-        config = visual.config
-        self.hidden = config.hidden_size
-        self.num_heads = config.num_heads
-        self.fullatt = {int(i) for i in config.fullatt_block_indexes}
-
-    def forward(self, patches: torch.Tensor, window_mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        proj = self.visual.patch_embed.proj
-        weight = proj.weight.reshape(proj.weight.shape[0], -1)  # Conv3d with kernel == stride: a linear
-        # patches arrive float32 (the runtime's preprocessing output) and are cast here, on the device:
-        # numpy's float32 -> float16 cast of W1's 12,544 rows took 68 ms of host time on the H100 box
-        x = torch.matmul(patches.to(weight.dtype), weight.t())
-        if proj.bias is not None:
-            x = x + proj.bias
-        cos, sin = cos[None], sin[None]  # (1, S, head_dim): broadcasts over (G, heads, S, head_dim)
-        for layer, blk in enumerate(self.visual.blocks):
-            mask = None if layer in self.fullatt else window_mask
-            x = x + onnx_io.group_attention(blk.attn, blk.norm1(x), cos, sin, self.num_heads, mask)
-            x = x + blk.mlp(blk.norm2(x))
-        g = x.shape[0]
-        y = self.visual.merger(x.reshape(-1, self.hidden))  # the merger views consecutive 4 rows as one
-        return y.reshape(g, -1, y.shape[-1])
+    config = visual.config
+    if config.hidden_act != "silu":
+        raise NotImplementedError(f"vision hidden_act {config.hidden_act!r}")
+    hidden, heads, merge = config.hidden_size, config.num_heads, config.spatial_merge_size
+    head_dim, fullatt = hidden // heads, {int(i) for i in config.fullatt_block_indexes}
+    g = Graph(float_type)
+    # patches arrive float32 (the runtime's preprocessing output) and are cast here, on the device
+    proj = visual.patch_embed.proj
+    weight = g.const("patch_embed.weight_t", np.ascontiguousarray(
+        proj.weight.detach().float().cpu().numpy().reshape(proj.weight.shape[0], -1).T.astype(float_type)))
+    x = g.op("MatMul", [cast(g, "patches", float_type, "patches/to_float_type"), weight], name="patch_embed")
+    if proj.bias is not None:
+        x = g.op("Add", [x, g.weight("patch_embed.bias", proj.bias)], name="patch_embed/bias")
+    # the window mask as MultiHeadAttention's (1, 1, S, S) bias in the float type; in fp16 float32's
+    # lowest becomes fp16's lowest rather than -inf: either gives exp() = 0 against the unmasked keys
+    mask = "window_mask"
+    if float_type == np.float16:
+        mask = cast(g, g.op("Max", [mask, g.const("mask.lowest", np.array(FP16_LOWEST, np.float32))],
+                            name="mask/clip"), float_type, "mask/to_float_type")
+    mask = g.op("Unsqueeze", [mask, g.const("axes.01", np.array([0, 1], np.int64))], name="mask/unsqueeze")
+    merger = visual.merger
+    normed, _ = vision_blocks(g, x, visual.blocks, merger.ln_q, heads, vision_rotary(g, head_dim), _block_mlp,
+                              lambda layer: None if layer in fullatt else mask)
+    features = merger_mlp(g, merged_rows(g, normed, hidden, merge, "merger.rows"), merger.mlp[0], merger.mlp[2],
+                          "merger")
+    g.op("Identity", [features], ["features"], name="features")
+    patch_dim = _config_int(config, "in_channels", "in_chans") * config.temporal_patch_size * config.patch_size**2
+    inputs = [helper.make_tensor_value_info("patches", TensorProto.FLOAT, ["groups", "patches_per_group", patch_dim]),
+              helper.make_tensor_value_info("window_mask", TensorProto.FLOAT, ["patches_per_group", "patches_per_group"]),
+              helper.make_tensor_value_info("cos", TensorProto.FLOAT, ["patches_per_group", head_dim]),
+              helper.make_tensor_value_info("sin", TensorProto.FLOAT, ["patches_per_group", head_dim])]
+    outputs = [helper.make_tensor_value_info("features", tensor_type(float_type),
+                                             ["groups", "tokens_per_group", config.out_hidden_size])]
+    return g.model("qwen2_5_vl_vision", inputs, outputs)
 
 
 def sidecar_arrays(visual: nn.Module) -> dict[str, np.ndarray]:
@@ -105,33 +127,11 @@ def load_visual(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> nn
     return onnx_io.load_visual(Path(model_dir), "qwen2_5_vl", dtype)
 
 
-def example_inputs(visual: nn.Module, groups: int = 2, h: int = 4, w: int = 6):
-    config = visual.config
-    head_dim = config.hidden_size // config.num_heads
-    patch_dim = _config_int(config, "in_channels", "in_chans") * config.temporal_patch_size * config.patch_size**2
-    gen = torch.Generator().manual_seed(0)
-    s = h * w
-    inputs = (
-        torch.randn(groups, s, patch_dim, generator=gen),  # the patches, the window bias and the rotary
-        torch.zeros(s, s),  # tables are float32 in every graph
-        torch.randn(s, head_dim, generator=gen),
-        torch.randn(s, head_dim, generator=gen),
-    )
-    return tuple(t.to(visual.patch_embed.proj.weight.device) for t in inputs)
-
-
 def export_vision_onnx(model_dir: str | Path, out_path: str | Path, dtype: torch.dtype = torch.float32,
                        visual: nn.Module | None = None) -> Path:
     """Write `out_path` (+ `.onnx.data` weights, + `.npz` runtime tables) for the model's vision tower,
-    in `dtype` (fp32 or fp16; the rotary, the attention softmax and the RMSNorms (HF upcasts) compute
-    in fp32)."""
-    out_path = Path(out_path)
+    in `dtype` (fp32 or fp16; the rotary, the attention softmax and the RMSNorms compute in fp32)."""
     visual = load_visual(model_dir, dtype) if visual is None else visual.to(dtype)
-    return onnx_io.export_vision(
-        VisionGroupEncoder(visual), example_inputs(visual), out_path, INPUT_NAMES, OUTPUT_NAMES,
-        dynamic_axes={"patches": {0: "groups", 1: "patches_per_group"},
-                      "window_mask": {0: "patches_per_group", 1: "patches_per_group"},
-                      "cos": {0: "patches_per_group"}, "sin": {0: "patches_per_group"},
-                      "features": {0: "groups", 1: "tokens_per_group"}},
-        component="qwen2_5_vl.vision", config=visual.config, tables=sidecar_arrays(visual),
-    )
+    float_type = np.float16 if dtype == torch.float16 else np.float32
+    return onnx_io.export_vision(build_vision_graph(visual, float_type), Path(out_path), "qwen2_5_vl.vision",
+                                 visual.config, sidecar_arrays(visual))

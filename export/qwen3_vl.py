@@ -13,9 +13,11 @@ What depends only on the grid (h, w) is computed outside the graph, by the torch
 need (the position-embedding table and the rotary inverse frequencies) is written next to the
 graph as `<name>.npz`, with the few config numbers the runtime needs.
 
-The attention is plain batched matmul + softmax in fp32 (no cu_seqlens): one group per batch row.
-The weights always go to one external-data file (`<name>.onnx.data`) so that the real towers
-(over 2 GB in fp32 for the 8B) and the tiny ones are laid out the same way.
+The graph is built node by node from ONNX Runtime's fused operators (`export/onnx_graph.py`):
+per block a fused residual-add + LayerNorm (its linear's bias included), the rotary in float32,
+MultiHeadAttention with one group per batch row (no cu_seqlens), and FastGelu (HF's
+`gelu_pytorch_tanh`). The patch embedding (a Conv3d whose kernel equals its stride) is a linear.
+The weights go to one external-data file (`<name>.onnx.data`).
 """
 
 from __future__ import annotations
@@ -27,8 +29,12 @@ import torch
 from torch import nn
 
 from edgejudge.export import onnx_io
+from edgejudge.export.onnx_graph import (
+    MS_DOMAIN, Graph, cast, linear, merged_rows, merger_mlp, norm, tensor_type, vision_blocks, vision_rotary,
+)
 
 INPUT_NAMES = ("patches", "pos_embeds", "cos", "sin")
+OUTPUT_NAMES = ("features", "deepstack")
 
 
 def deepstack_taps(config) -> int:
@@ -36,42 +42,56 @@ def deepstack_taps(config) -> int:
     return len(config.vision_config.deepstack_visual_indexes)
 
 
-OUTPUT_NAMES = ("features", "deepstack")
+def _block_mlp(g: Graph, x: str, block, name: str):
+    """linear_fc2(gelu_tanh(linear_fc1(x))), without linear_fc2's bias."""
+    mlp = block.mlp
+    h = g.op("FastGelu", [linear(g, x, mlp.linear_fc1, f"{name}.fc1", bias=False), g.weight(f"{name}.fc1.bias",
+                                                                                           mlp.linear_fc1.bias)],
+             domain=MS_DOMAIN, name=f"{name}.gelu")
+    return linear(g, h, mlp.linear_fc2, f"{name}.fc2", bias=False), mlp.linear_fc2.bias
 
 
-class VisionGroupEncoder(nn.Module):
-    """HF's `Qwen3VLVisionModel` weights, run on a batch of independent temporal-patch groups."""
+def build_vision_graph(visual: nn.Module, float_type=np.float32):
+    """The ModelProto of HF's `Qwen3VLVisionModel` on a batch of independent temporal-patch groups."""
+    from onnx import TensorProto, helper
 
-    def __init__(self, visual: nn.Module):
-        super().__init__()
-        self.visual = visual
-        config = visual.config
-        self.hidden = config.hidden_size
-        self.num_heads = config.num_heads
-        self.deepstack_indexes = list(config.deepstack_visual_indexes)
-
-    def _merge(self, merger: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        g = x.shape[0]
-        y = merger(x.reshape(-1, self.hidden))  # the merger views consecutive 4 rows as one
-        return y.reshape(g, -1, y.shape[-1])
-
-    def forward(self, patches: torch.Tensor, pos_embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        proj = self.visual.patch_embed.proj
-        weight = proj.weight.reshape(proj.weight.shape[0], -1)  # Conv3d with kernel == stride: a linear
-        # patches arrive float32 (the runtime's preprocessing output) and are cast here, on the device:
-        # numpy's float32 -> float16 cast of W1's 12,544 rows took 68 ms of host time on the H100 box
-        x = torch.matmul(patches.to(weight.dtype), weight.t()) + proj.bias
-        x = x + pos_embeds
-        cos, sin = cos[None], sin[None]  # (1, S, head_dim): broadcasts over (G, heads, S, head_dim)
-        deepstack = []
-        for layer, blk in enumerate(self.visual.blocks):
-            x = x + onnx_io.group_attention(blk.attn, blk.norm1(x), cos, sin, self.num_heads)
-            x = x + blk.mlp(blk.norm2(x))
-            if layer in self.deepstack_indexes:
-                merger = self.visual.deepstack_merger_list[self.deepstack_indexes.index(layer)]
-                deepstack.append(self._merge(merger, x))
-        features = self._merge(self.visual.merger, x)
-        return features, torch.stack(deepstack, dim=0)
+    config = visual.config
+    if config.hidden_act != "gelu_pytorch_tanh":
+        raise NotImplementedError(f"vision hidden_act {config.hidden_act!r}")
+    hidden, heads, merge = config.hidden_size, config.num_heads, config.spatial_merge_size
+    head_dim, out = hidden // heads, config.out_hidden_size
+    taps = list(config.deepstack_visual_indexes)
+    g = Graph(float_type)
+    # patches arrive float32 (the runtime's preprocessing output) and are cast here, on the device:
+    # numpy's float32 -> float16 cast of W1's 12,544 rows took 68 ms of host time on the H100 box
+    proj = visual.patch_embed.proj
+    weight = g.const("patch_embed.weight_t", np.ascontiguousarray(
+        proj.weight.detach().float().cpu().numpy().reshape(proj.weight.shape[0], -1).T.astype(float_type)))
+    x = g.op("MatMul", [cast(g, "patches", float_type, "patches/to_float_type"), weight], name="patch_embed")
+    x = g.op("Add", [g.op("Add", [x, g.weight("patch_embed.bias", proj.bias)], name="patch_embed/bias"),
+                     "pos_embeds"], name="pos_embed")
+    normed, after = vision_blocks(g, x, visual.blocks, visual.merger.norm, heads, vision_rotary(g, head_dim),
+                                  _block_mlp)
+    merger = visual.merger
+    g.op("Identity", [merger_mlp(g, merged_rows(g, normed, hidden, merge, "merger.rows"), merger.linear_fc1,
+                                 merger.linear_fc2, "merger")], ["features"], name="features")
+    axis0 = g.const("axes.0", np.array([0], np.int64))
+    stacked = []
+    for n, layer in enumerate(taps):
+        m = visual.deepstack_merger_list[n]  # postshuffle norm: over a merged unit's 4 rows side by side
+        rows = merged_rows(g, after[layer], hidden, merge, f"deepstack.{n}.rows")
+        y = merger_mlp(g, norm(g, rows, m.norm, f"deepstack.{n}.norm"), m.linear_fc1, m.linear_fc2, f"deepstack.{n}")
+        stacked.append(g.op("Unsqueeze", [y, axis0], name=f"deepstack.{n}/unsqueeze"))
+    g.op("Concat", stacked, ["deepstack"], name="deepstack", axis=0)
+    f = tensor_type(float_type)
+    inputs = [helper.make_tensor_value_info("patches", TensorProto.FLOAT, ["groups", "patches_per_group",
+                                                                           proj.weight[0].numel()]),
+              helper.make_tensor_value_info("pos_embeds", f, ["patches_per_group", hidden]),
+              helper.make_tensor_value_info("cos", TensorProto.FLOAT, ["patches_per_group", head_dim]),
+              helper.make_tensor_value_info("sin", TensorProto.FLOAT, ["patches_per_group", head_dim])]
+    outputs = [helper.make_tensor_value_info("features", f, ["groups", "tokens_per_group", out]),
+               helper.make_tensor_value_info("deepstack", f, [len(taps), "groups", "tokens_per_group", out])]
+    return g.model("qwen3_vl_vision", inputs, outputs)
 
 
 def sidecar_arrays(visual: nn.Module) -> dict[str, np.ndarray]:
@@ -94,34 +114,11 @@ def load_visual(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> nn
     return onnx_io.load_visual(Path(model_dir), "qwen3_vl", dtype)
 
 
-def example_inputs(visual: nn.Module, groups: int = 2, h: int = 4, w: int = 6):
-    config = visual.config
-    hidden, head_dim = config.hidden_size, config.hidden_size // config.num_heads
-    patch_dim = config.in_channels * config.temporal_patch_size * config.patch_size**2
-    gen = torch.Generator().manual_seed(0)
-    s = h * w
-    dtype = visual.patch_embed.proj.weight.dtype
-    inputs = (
-        torch.randn(groups, s, patch_dim, generator=gen),  # float32 in every graph
-        torch.randn(s, hidden, generator=gen, dtype=dtype),
-        torch.randn(s, head_dim, generator=gen),  # the rotary tables stay float32
-        torch.randn(s, head_dim, generator=gen),
-    )
-    return tuple(t.to(visual.patch_embed.proj.weight.device) for t in inputs)
-
-
 def export_vision_onnx(model_dir: str | Path, out_path: str | Path, dtype: torch.dtype = torch.float32,
                        visual: nn.Module | None = None) -> Path:
     """Write `out_path` (+ `.onnx.data` weights, + `.npz` runtime tables) for the model's vision tower,
     in `dtype` (fp32 or fp16; the rotary, the attention softmax and the norms compute in fp32)."""
-    out_path = Path(out_path)
     visual = load_visual(model_dir, dtype) if visual is None else visual.to(dtype)
-    return onnx_io.export_vision(
-        VisionGroupEncoder(visual), example_inputs(visual), out_path, INPUT_NAMES, OUTPUT_NAMES,
-        dynamic_axes={"patches": {0: "groups", 1: "patches_per_group"},
-                      "pos_embeds": {0: "patches_per_group"},
-                      "cos": {0: "patches_per_group"}, "sin": {0: "patches_per_group"},
-                      "features": {0: "groups", 1: "tokens_per_group"},
-                      "deepstack": {1: "groups", 2: "tokens_per_group"}},
-        component="qwen3_vl.vision", config=visual.config, tables=sidecar_arrays(visual),
-    )
+    float_type = np.float16 if dtype == torch.float16 else np.float32
+    return onnx_io.export_vision(build_vision_graph(visual, float_type), Path(out_path), "qwen3_vl.vision",
+                                 visual.config, sidecar_arrays(visual))

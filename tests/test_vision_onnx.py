@@ -73,6 +73,17 @@ def test_graph_signature(exported, tiny):
     assert (path.parent / (path.name + ".data")).is_file()
 
 
+def test_graph_uses_fused_ops(exported, tiny):
+    """One fused op per block for attention, rotary (q and k), the residual-add + norms and the
+    GELU: no matmul + softmax attention, no chain of elementwise ops."""
+    graph = onnx.load(str(exported[0]), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    depth = tiny[1].config.depth
+    assert ops.count("MultiHeadAttention") == depth and ops.count("RotaryEmbedding") == 2 * depth
+    assert ops.count("SkipLayerNormalization") == 2 * depth and ops.count("FastGelu") == depth
+    assert "Softmax" not in ops and "Tanh" not in ops
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_hf(case, tiny, exported):
     model_dir, visual = tiny

@@ -104,6 +104,20 @@ def test_graph_signature(exported, tiny):
     assert meta["edgejudge.component"] == "qwen2_5_vl.vision"
 
 
+def test_graph_uses_fused_ops(exported, tiny):
+    """Fused attention (the window mask as its bias on the windowed blocks only), rotary and
+    residual-add + RMSNorm; no matmul + softmax attention."""
+    graph = onnx.load(str(exported["tiny"][0]), load_external_data=False).graph
+    config = tiny[1].config
+    attention = [n for n in graph.node if n.op_type == "MultiHeadAttention"]
+    assert len(attention) == config.depth
+    masked = [i for i, n in enumerate(attention) if len(n.input) > 5 and n.input[5]]
+    assert masked == [i for i in range(config.depth) if i not in config.fullatt_block_indexes]
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("RotaryEmbedding") == 2 * config.depth
+    assert ops.count("SkipSimplifiedLayerNormalization") == 2 * config.depth and "Softmax" not in ops
+
+
 @pytest.mark.parametrize("weights", ["tiny", "sharp"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_hf(case, weights, tiny, visuals, exported):

@@ -1,0 +1,185 @@
+"""Building ONNX graphs by hand from HF modules, with ONNX Runtime's fused operators.
+
+The decoder (`export/onnx_decoder.py`) and the families' vision towers (`export/qwen3_vl.py`,
+`export/qwen2_5_vl.py`) are written node by node rather than traced: a trace spells each
+LayerNorm + residual add, each GELU, each rotary and each attention as a chain of small ops, and
+on the GPU every one of them is a kernel that reads and writes the whole activation. Here they are
+single com.microsoft ops (SkipLayerNormalization, FastGelu, RotaryEmbedding, MultiHeadAttention,
+GroupQueryAttention) that ONNX Runtime runs on both the CPU and CUDA providers.
+
+The vision towers share one block structure (`vision_blocks`): norm1 -> attention -> norm2 ->
+MLP with residual adds, where each residual add is fused with the norm that follows it and takes
+the previous linear's bias, so a block's bias adds and norms are two kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from edgejudge.export.onnx_io import IR_VERSION, OPSET
+
+MS_DOMAIN = "com.microsoft"
+
+
+def as_numpy(t, dtype=np.float32) -> np.ndarray:
+    return t.detach().float().cpu().numpy().astype(dtype, copy=False)
+
+
+def tensor_type(dtype) -> int:
+    from onnx import TensorProto
+
+    return TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
+
+
+class Graph:
+    """A tiny onnx.helper wrapper: unique names, initializers in one float type, nodes."""
+
+    def __init__(self, dtype=np.float32):
+        from onnx import helper, numpy_helper
+
+        self.helper, self.numpy_helper = helper, numpy_helper
+        self.dtype = dtype
+        self.nodes, self.inits, self._n = [], [], 0
+
+    def name(self, base: str) -> str:
+        self._n += 1
+        return f"{base}_{self._n}"
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(self.numpy_helper.from_array(np.require(array, requirements="C"), name))
+        return name
+
+    def weight(self, name: str, tensor) -> str:
+        """A model weight (torch tensor) as an initializer in the graph's float type."""
+        return self.const(name, as_numpy(tensor, self.dtype))
+
+    def op(self, op_type: str, inputs, outputs=1, domain: str = "", name: str | None = None, **attrs):
+        node_name = name or self.name(op_type)
+        outs = [f"{node_name}/out{i}" for i in range(outputs)] if isinstance(outputs, int) else list(outputs)
+        self.nodes.append(self.helper.make_node(op_type, list(inputs), outs, name=node_name, domain=domain, **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+    def model(self, name: str, inputs, outputs, extra_inits=()):
+        """The ModelProto of the nodes so far (opset `OPSET` + com.microsoft 1, IR `IR_VERSION`)."""
+        helper = self.helper
+        graph = helper.make_graph(self.nodes, name, inputs, outputs, initializer=list(extra_inits) + self.inits)
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+                                  producer_name="edgejudge")
+        proto.ir_version = IR_VERSION
+        return proto
+
+
+def linear(g: Graph, x: str, module, name: str, bias: bool = True) -> str:
+    """y = x @ W.T (+ b) for an HF nn.Linear. The MatMul keeps `name`, so the weight-only quantizer
+    turns it into MatMulNBits and the int8-layer choice can address it by layer. `bias` False leaves
+    the bias to the caller (a fused op that takes it)."""
+    y = g.op("MatMul", [x, g.const(f"{name}.weight_t", as_numpy(module.weight, g.dtype).T)], name=name)
+    if bias and module.bias is not None:
+        y = g.op("Add", [y, g.weight(f"{name}.bias", module.bias)], name=f"{name}/bias")
+    return y
+
+
+def cast(g: Graph, x: str, dtype, name: str) -> str:
+    """x in `dtype`; nothing when the graph's float type is float32 throughout."""
+    if g.dtype == np.float32:
+        return x
+    return g.op("Cast", [x], name=name, to=tensor_type(dtype))
+
+
+def _norm_params(g: Graph, module, name: str) -> tuple[list[str], float]:
+    """[gamma(, beta)] of an HF LayerNorm or RMSNorm, and its epsilon."""
+    params = [g.weight(f"{name}.weight", module.weight)]
+    if getattr(module, "bias", None) is not None:
+        params.append(g.weight(f"{name}.bias", module.bias))
+    return params, float(getattr(module, "eps", None) or module.variance_epsilon)
+
+
+def norm(g: Graph, x: str, module, name: str) -> str:
+    """An HF LayerNorm (with bias) or RMSNorm over the last axis, computed in float32."""
+    params, eps = _norm_params(g, module, name)
+    op = "LayerNormalization" if len(params) == 2 else "SimplifiedLayerNormalization"
+    return g.op(op, [x, *params], name=name, axis=-1, epsilon=eps, stash_type=1)
+
+
+def skip_norm(g: Graph, x: str, stream: str, module, bias, name: str) -> tuple[str, str]:
+    """(norm(stream + x + bias), stream + x + bias): a residual add fused with the norm after it;
+    `bias` (a torch tensor or None) is the bias of the linear that produced `x`."""
+    params, eps = _norm_params(g, module, name)
+    inputs = [x, stream, *params]
+    if bias is not None:
+        inputs.append(g.weight(f"{name}.skip_bias", bias))
+    op = "SkipLayerNormalization" if len(params) == 2 else "SkipSimplifiedLayerNormalization"
+    outs = [f"{name}/normed", "", "", f"{name}/sum"]
+    g.op(op, inputs, outs, domain=MS_DOMAIN, name=name, epsilon=eps)
+    return outs[0], outs[3]
+
+
+def vision_attention(g: Graph, x: str, attn, heads: int, rotary: tuple[str, str, str], name: str,
+                     attention_bias: str | None = None) -> str:
+    """A Qwen vision attention (fused `qkv`, `proj`) over each group (batch row) of `x` (G, S, hidden),
+    without `proj`'s bias (the next skip_norm adds it).
+
+    The 2D rotary runs in float32 as HF's `apply_rotary_pos_emb_vision` does (q and k cast up,
+    rotated, cast back); `rotary` = (start position, cos, sin) with cos/sin (S, head_dim / 2)
+    float32, the first half of HF's tables (their two halves are equal). MultiHeadAttention
+    computes the softmax in float32; `attention_bias` (1, 1, S, S) in the graph's float type
+    masks keys (Qwen2.5-VL's windows)."""
+    hidden = attn.qkv.in_features
+    thirds = g.const(f"{name}.thirds", np.array([hidden] * 3, np.int64))
+    q, k, v = g.op("Split", [linear(g, x, attn.qkv, f"{name}.qkv"), thirds], outputs=3, name=f"{name}.split", axis=-1)
+    start, cos, sin = rotary
+    rotated = []
+    for part, t in (("q", q), ("k", k)):
+        t32 = cast(g, t, np.float32, f"{name}.{part}/to_fp32")
+        t32 = g.op("RotaryEmbedding", [t32, start, cos, sin], domain=MS_DOMAIN, name=f"{name}.{part}_rotary",
+                   num_heads=heads, interleaved=0)
+        rotated.append(cast(g, t32, g.dtype, f"{name}.{part}/to_float_type"))
+    inputs = [*rotated, v] + (["", "", attention_bias] if attention_bias else [])
+    out = g.op("MultiHeadAttention", inputs, domain=MS_DOMAIN, name=f"{name}.mha", num_heads=heads,
+               scale=float(attn.scaling))
+    return linear(g, out, attn.proj, f"{name}.proj", bias=False)
+
+
+def vision_rotary(g: Graph, head_dim: int) -> tuple[str, str, str]:
+    """(start position 0, cos, sin) for `vision_attention` from the graph inputs `cos`, `sin` (S, head_dim)."""
+    starts, ends, axes = (g.const(f"rotary.{n}", np.array([v], np.int64)) for n, v in
+                          (("start", 0), ("half", head_dim // 2), ("axis", 1)))
+    halves = [g.op("Slice", [t, starts, ends, axes], name=f"{t}/half") for t in ("cos", "sin")]
+    return g.const("rotary.position", np.zeros(1, np.int64)), halves[0], halves[1]
+
+
+def vision_blocks(g: Graph, x: str, blocks, final_norm, heads: int, rotary: tuple[str, str, str],
+                  mlp: Callable[[Graph, str, object, str], tuple[str, object]],
+                  attention_bias: Callable[[int], str | None] = lambda layer: None) -> tuple[str, list[str]]:
+    """Run `blocks` (HF vision blocks: norm1, attn, norm2, mlp) on the stream `x` (G, S, hidden).
+
+    `mlp(g, normed, block, name)` returns the MLP's output without its last bias, and that bias.
+    Returns `final_norm`(stream after the last block) and the stream after each block."""
+    normed = norm(g, x, blocks[0].norm1, "blocks.0.norm1")
+    stream, after = x, []
+    for i, block in enumerate(blocks):
+        p = f"blocks.{i}"
+        attn = vision_attention(g, normed, block.attn, heads, rotary, f"{p}.attn", attention_bias(i))
+        normed, stream = skip_norm(g, attn, stream, block.norm2, block.attn.proj.bias, f"{p}.norm2")
+        out, out_bias = mlp(g, normed, block, f"{p}.mlp")
+        last = i + 1 == len(blocks)
+        normed, stream = skip_norm(g, out, stream, final_norm if last else blocks[i + 1].norm1, out_bias,
+                                   "final_norm" if last else f"blocks.{i + 1}.norm1")
+        after.append(stream)
+    return normed, after
+
+
+def merged_rows(g: Graph, x: str, hidden: int, merge: int, name: str) -> str:
+    """(G, S, hidden) -> (G, S / merge^2, merge^2 * hidden): each merged unit's rows side by side
+    (the processor orders a unit's patches consecutively)."""
+    shape = g.const(f"{name}.shape", np.array([0, -1, hidden * merge * merge], np.int64))
+    return g.op("Reshape", [x, shape], name=name)
+
+
+def merger_mlp(g: Graph, x: str, fc1, fc2, name: str) -> str:
+    """fc2(GELU(fc1(x))) with the exact (erf) GELU, as the Qwen patch mergers' nn.GELU()."""
+    h = g.op("BiasGelu", [linear(g, x, fc1, f"{name}.fc1", bias=False), g.weight(f"{name}.fc1.bias", fc1.bias)],
+             domain=MS_DOMAIN, name=f"{name}.gelu")
+    return linear(g, h, fc2, f"{name}.fc2")
