@@ -1,7 +1,7 @@
 """Where W1's time and memory go: `Judge.check` on 2 views x 64 frames of 224x224, split into the
 calls it makes, with the GPU's used memory after each stage.
 
-    python benchmarks/w1_cuda.py ARTIFACT [--runs 20] [--gpu-mem-gb 16] [--no-shared-arena]
+    python benchmarks/w1_cuda.py ARTIFACT [--runs 20] [--gpu-mem-gb 16] [--keep-vision-arena]
                                           [--patches-per-run N] [--provider-option K=V ...]
 
 - Calls: each engine / decoder / vision method below is wrapped by a clock (ONNX Runtime's runs
@@ -9,9 +9,9 @@ calls it makes, with the GPU's used memory after each stage.
   call name over the timed runs, summed within a run.
 - Memory: NVML's used memory of the GPU minus the reading before the judge loaded, after loading
   and after each stage of the first run, and the peak polled every 2 ms over the whole process.
-- `--no-shared-arena`: every session keeps its own arena (ONNX Runtime's default), for the
-  comparison with `edgejudge.runtime.sessions`' shared one; `--provider-option K=V` adds CUDA
-  provider options.
+- `--keep-vision-arena`: the vision session keeps its arena's free memory after each call (ORT's
+  default), for the comparison with `runtime.sessions.release_after_runs`; `--provider-option
+  K=V` adds CUDA provider options.
 (ONNX Runtime's own profile is not used: on CUDA it times each kernel's launch on the host, not
 its device time.)
 Torch-free.
@@ -68,18 +68,16 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--frames", type=int, default=64)
     parser.add_argument("--gpu-mem-gb", type=float)
-    parser.add_argument("--no-shared-arena", action="store_true")
+    parser.add_argument("--keep-vision-arena", action="store_true",
+                        help="the vision session keeps its free arena memory after a call (ORT's default)")
     parser.add_argument("--patches-per-run", type=int, help="the vision graph's patch rows per run "
                         "(default: edgejudge.runtime.vision.PATCHES_PER_RUN)")
     parser.add_argument("--provider-option", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra CUDA provider option (repeatable)")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run")
     args = parser.parse_args()
-    if args.no_shared_arena:  # ORT's default: one arena per session
-        sessions.share_cuda_arena = lambda device_id, max_mem: None
-        sessions.open_session = lambda path, providers: ort.InferenceSession(str(path), providers=list(providers))
-        for module in ("edgejudge.runtime.vision", "edgejudge.runtime.decoder"):
-            __import__(module, fromlist=["open_session"]).open_session = sessions.open_session
+    if args.keep_vision_arena:
+        vision_module.release_after_runs = lambda providers: None
     if args.patches_per_run:
         vision_module.PATCHES_PER_RUN = args.patches_per_run
     if args.provider_option:
@@ -145,7 +143,7 @@ def main() -> None:
                 samples[name].append(ms)
     done.set()
     report = {
-        "artifact": args.artifact, "shared_arena": not args.no_shared_arena, "gpu_mem_gb": args.gpu_mem_gb,
+        "artifact": args.artifact, "vision_arena_released": not args.keep_vision_arena, "gpu_mem_gb": args.gpu_mem_gb,
         "provider_options": args.provider_option, "patches_per_run": vision_module.PATCHES_PER_RUN,
         "p50_ms": {name: round(float(np.median(v)), 2) for name, v in sorted(samples.items())},
         "memory_gib_after": {k: round(v, 3) for k, v in memory.items()},

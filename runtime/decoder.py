@@ -74,6 +74,15 @@ def _rope_params(config: Mapping) -> tuple[np.ndarray, list[int], float, bool]:
             FAMILIES[config["model_type"]].MROPE_INTERLEAVED)
 
 
+def _finite(logits: np.ndarray) -> np.ndarray:
+    """`logits`, refused when any is NaN or infinite: a score or token picked from them would be
+    a wrong answer given as a right one."""
+    if not np.isfinite(logits).all():
+        raise InputError("the decoder produced non-finite logits (NaN or inf): the artifact's float type "
+                         "overflowed or the device run went wrong; no answer was made from them")
+    return logits
+
+
 def _with_cuda_graph(provider) -> tuple[str, dict]:
     """The CUDA provider entry with CUDA graph capture on (runs opt in by graph id)."""
     name, options = (provider, {}) if isinstance(provider, str) else provider
@@ -422,7 +431,7 @@ class TextDecoder:
             if hidden.ndim == 2:
                 hidden = hidden[:, None]
             rows = np.ascontiguousarray(hidden[:, positions or slice(None)], self.head_dtype)
-            return self.head.run(None, {"hidden": rows})[0]
+            return _finite(self.head.run(None, {"hidden": rows})[0])
         batch, length, width = hidden.shape()
         start, stop, stride = (positions or slice(None)).indices(length)
         if stride != 1 or stop <= start:
@@ -439,7 +448,7 @@ class TextDecoder:
             binding.bind_output("logits", "cpu")
             self.head.run_with_iobinding(binding)
             logits.append(binding.get_outputs()[0].numpy())
-        return np.concatenate(logits)
+        return _finite(np.concatenate(logits))
 
     def greedy(self, first_logits: np.ndarray, start: int, rope_deltas: np.ndarray, max_new_tokens: int,
                eos_token_ids=(), return_logits: bool = False, repetition_penalty: float = 1.0,

@@ -109,8 +109,12 @@ def cache_copies(label_ids: list[np.ndarray]) -> int:
 def mean_nll(logits: np.ndarray, label_ids: np.ndarray) -> float:
     """Mean NLL of `label_ids` given float logits at the positions that predict them."""
     logits = logits.astype(np.float64)
-    logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
-    return float(-logp[np.arange(len(label_ids)), label_ids].mean())
+    # log-sum-exp shifted by the row's max, in float64 (np.logaddexp.reduce, the same to ~1e-15,
+    # walks the 150k-entry vocabulary one pair at a time: 40 ms a W1 decision on the H100 host)
+    top = logits.max(axis=-1, keepdims=True)
+    lse = (top + np.log(np.exp(logits - top).sum(axis=-1, keepdims=True)))[:, 0]
+    rows = np.arange(len(label_ids))
+    return float((lse[rows] - logits[rows, label_ids]).mean())
 
 
 class StageTimer:

@@ -1,12 +1,15 @@
-"""ONNX Runtime sessions of one artifact, drawing device memory from one arena per device.
+"""ONNX Runtime sessions on the CPU or one CUDA device, under an optional GPU memory cap.
 
-By default each session (vision, decoder, LM head, cache rows) keeps its own memory arena, and
-what a session's largest run took stays held in its arena: the vision graph's activations could
-not be reused by the decoder's prefill, so the measured peak was near the sum of the stages'
-peaks (W1 int4: 10.5 GiB against 5.5 estimated). Here one arena per device is registered with
-ORT's environment and every session draws on it (`session.use_env_allocators`): the peak is the
-largest stage's, and the arena's `max_mem` is the GPU cap. The registration is process-wide, so a
-process has one cap per device.
+Each session (vision, decoder, LM head, cache rows) has its own CUDA memory arena, capped at the
+cap (`gpu_mem_limit`) and grown by what a run asks (not to the next power of two, ORT's default,
+which can double a multi-GiB activation request). An arena keeps what its largest run took, so
+the vision session hands its free memory back to the device after each run
+(`release_after_runs`): its activations are not held while the decoder prefills.
+
+One arena per device shared by all sessions (ORT's environment allocator,
+`session.use_env_allocators`) was the runtime's setting for one session on 2026-11-23; on the H100
+it gave NaN label scores and greedy tokens of 0 on a full-size Qwen3-VL-4B (fp16 and int4, with or
+without the decoder's CUDA graph) where per-session arenas give HF's tokens. It is not used.
 """
 
 from __future__ import annotations
@@ -21,12 +24,11 @@ if TYPE_CHECKING:
     import onnxruntime
 
 GIB = 2**30
-_shared_arenas: dict[int, int] = {}  # CUDA device id -> the arena's max_mem (0: no cap)
 
 
 def execution_providers(device: str, gpu_mem_gb: float | None = None) -> list:
     """ONNX Runtime providers for "cpu", "cuda" or "cuda:N": CUDA first, the CPU for any operator
-    CUDA lacks. On CUDA the device's shared arena is registered here, capped at `gpu_mem_gb`."""
+    CUDA lacks. `gpu_mem_gb` caps each session's CUDA arena."""
     import onnxruntime as ort
 
     if device == "cpu":
@@ -38,29 +40,12 @@ def execution_providers(device: str, gpu_mem_gb: float | None = None) -> list:
         raise InputError(f"device {device!r}: expected cpu, cuda or cuda:N")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         raise InputError("device cuda needs onnxruntime-gpu (pip install 'edgejudge[gpu]')")
-    if gpu_mem_gb is not None and not gpu_mem_gb > 0:
-        raise InputError(f"gpu_mem_gb must be positive, got {gpu_mem_gb}")
-    device_id = int(index or 0)
-    share_cuda_arena(device_id, int(gpu_mem_gb * GIB) if gpu_mem_gb is not None else 0)
-    return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
-
-
-def share_cuda_arena(device_id: int, max_mem: int) -> None:
-    """Register the process's arena for CUDA device `device_id` (once; `max_mem` 0 is no cap). It
-    grows by what is requested, not to the next power of two (ORT's default, which can double a
-    multi-GiB activation request)."""
-    import onnxruntime as ort
-
-    if device_id in _shared_arenas:
-        if _shared_arenas[device_id] != max_mem:
-            held = f"{_shared_arenas[device_id] / GIB:g} GiB" if _shared_arenas[device_id] else "no"
-            raise InputError(f"this process already runs cuda:{device_id} with {held} cap; "
-                             "use one gpu_mem_gb per process")
-        return
-    info = ort.OrtMemoryInfo("Cuda", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, device_id, ort.OrtMemType.DEFAULT)
-    config = ort.OrtArenaCfg({"max_mem": max_mem, "arena_extend_strategy": 1})  # 1: kSameAsRequested
-    ort.create_and_register_allocator_v2("CUDAExecutionProvider", info, {"device_id": str(device_id)}, config)
-    _shared_arenas[device_id] = max_mem
+    options = {"device_id": int(index or 0), "arena_extend_strategy": "kSameAsRequested"}
+    if gpu_mem_gb is not None:
+        if not gpu_mem_gb > 0:
+            raise InputError(f"gpu_mem_gb must be positive, got {gpu_mem_gb}")
+        options["gpu_mem_limit"] = int(gpu_mem_gb * GIB)
+    return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
 
 
 def provider_name(provider) -> str:
@@ -68,13 +53,23 @@ def provider_name(provider) -> str:
 
 
 def open_session(path: str | Path, providers) -> onnxruntime.InferenceSession:
-    """A session on `providers`, drawing on the shared arena when it runs on CUDA."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    if provider_name(providers[0]) == "CUDAExecutionProvider":
-        options.add_session_config_entry("session.use_env_allocators", "1")
-    return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+    return ort.InferenceSession(str(path), providers=list(providers))
+
+
+def release_after_runs(providers) -> onnxruntime.RunOptions:
+    """Run options that hand a CUDA session's free arena memory back to the device when a run
+    ends (nothing on the CPU). Not for a session that replays CUDA graphs: a captured graph keeps
+    using buffers its arena counts as free."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    first = providers[0]
+    if provider_name(first) == "CUDAExecutionProvider":
+        device_id = first[1].get("device_id", 0) if isinstance(first, tuple) else 0
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", f"gpu:{device_id}")
+    return options
 
 
 # how ONNX Runtime's arena (BFCArena) and torch's caching allocator say a request did not fit

@@ -25,13 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from edgejudge.errors import InputError
-from edgejudge.runtime.sessions import open_session
+from edgejudge.runtime.sessions import open_session, release_after_runs
 
 
-# Patch rows per run of the graph when `max_groups` is not given: a run's activations (and each
-# group's attention scores) grow with its rows, while the arena shared with the decoder keeps what
-# the largest run took. 8,192 rows: W1's 128 groups of 196 patches in 4 runs (activation peak
-# measured on the H100 in benchmarks/RESULTS.md), W3's 40 groups of 760 in 4.
+# Patch rows per run of the graph when `max_groups` is not given: a run's activations grow with its
+# rows, and they are device memory until the call's last run hands the arena back. 8,192 rows:
+# W1's 128 groups of 196 patches in 4 runs, W3's 40 groups of 760 in 4.
 PATCHES_PER_RUN = 8192
 
 
@@ -114,6 +113,7 @@ class GroupedVisionGraph:
         with np.load(tables) as data:
             self.tables = {k: data[k] for k in data.files}
         self.session = open_session(self.path, providers)
+        self.run_options = release_after_runs(providers)
         self.outputs = [(o.name, o.shape.index("groups"), o.shape[: o.shape.index("groups")])
                         for o in self.session.get_outputs()]
         # fp16 graphs take fp16 patches and position embeddings (HF casts to the weights' dtype)
@@ -147,7 +147,9 @@ class GroupedVisionGraph:
         self.grid_inputs(h, w)
         tables = self._grid_cache[(int(h), int(w))]
         step = self.max_groups or max(1, PATCHES_PER_RUN // (h * w))
-        runs = [self.session.run(None, {"patches": patches[i:i + step], **tables}) for i in range(0, len(patches), step)]
+        starts = range(0, len(patches), step)
+        runs = [self.session.run(None, {"patches": patches[i:i + step], **tables},
+                                 self.run_options if i == starts[-1] else None) for i in starts]
         return [np.concatenate([run[k] for run in runs], axis=axis) for k, (_, axis, _) in enumerate(self.outputs)]
 
     def _encode(self, pixel_values_videos: np.ndarray, video_grid_thw: np.ndarray) -> list[np.ndarray]:

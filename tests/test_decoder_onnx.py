@@ -315,3 +315,18 @@ def test_snapshot_restore(exported):
     _text_step(decoder, path[:, :1], 10)
     with pytest.raises(InputError, match="2 tokens after 11 do not fit the KV cache of 12"):
         _text_step(decoder, path[:, 1:], 11)
+
+
+def test_non_finite_logits_are_refused(exported):
+    """NaN hidden states (a float type that overflowed, a device run gone wrong) give NaN logits:
+    they are refused, on the host path and on the device path, rather than scored or decoded."""
+    decoder = exported[1]
+    hidden = np.full((1, 2, decoder.hidden_size), np.nan, np.float32)
+    with pytest.raises(InputError, match="non-finite logits"):
+        decoder.logits(hidden)
+    import onnxruntime as ort
+
+    on_device = ort.OrtValue.ortvalue_from_numpy(hidden.astype(decoder.dtype), decoder.device, decoder.device_id)
+    with pytest.raises(InputError, match="non-finite logits"):
+        decoder.logits(on_device, slice(-1, None))
+    assert np.isfinite(decoder.logits(np.zeros_like(hidden))).all()
