@@ -233,8 +233,8 @@ def prepare(payload: dict) -> dict:
             if cap is not None and e["total_gib"] > cap:
                 row.update(status="refused", reason=(
                     f"{name} {setup.name}: an estimated {e['total_gib']:.3g} GiB (weights {e['weights_gib']:.3g} + KV cache "
-                    f"{e['kv_cache_gib']:.3g} + activations {e['activations_gib']:.3g}"
-                    f"{' + CUDA context 0.5' if cuda else ''}) is over the --gpu-mem-gb {cap:g} cap"))
+                    f"{e['kv_cache_gib']:.3g} + activations {e['activations_gib']:.3g} + runtime overhead "
+                    f"{e['overhead_gib']:.3g}) is over the --gpu-mem-gb {cap:g} cap"))
                 continue
             runnable.append((row, setup))
         if not runnable:

@@ -129,7 +129,7 @@ def markdown(rows: list[dict]) -> str:
     lines += [f"\n{r['workload']} {r['label']}: {r['note']}" for r in rows if r.get("note")]
     sources = sorted({r["memory_source"] for r in rows if r["status"] == "ok"})
     lines += ["", f"Runs: p50 / p95 over the timed runs after warm-up. Peak memory: {'; '.join(sources)}. "
-              "Estimate: weights + KV cache + activations (+ CUDA context), the figure a cap is checked against."]
+              "Estimate: weights + KV cache + activations (+ the runtime overhead measured on an H100), the figure a cap is checked against."]
     return "\n".join(lines) + "\n"
 
 

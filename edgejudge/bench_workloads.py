@@ -34,7 +34,20 @@ import numpy as np
 from edgejudge.specs import JudgeSpec, get_spec
 
 GIB = 1 << 30
-CUDA_CONTEXT_BYTES = GIB // 2  # what a CUDA context and its libraries' workspaces take, roughly
+# What the memory estimate adds besides weights, KV cache and activations, measured on the lent H100
+# (benchmarks/RESULTS.md, 2026-11-23) and rounded up: per backend, what a loaded process holds on
+# the device beyond its weights (the CUDA context, the libraries' handles and workspaces, the
+# allocator's slack). ONNX: NVML after `Judge.load` of W1 int4 minus its weights (0.89 GiB). torch
+# and HF: the largest excess of a measured peak over weights + KV + activations + 0.5 GiB of
+# context (W3 nf4 1.0 GiB, W3 HF 1.95 GiB). Rounded so that every peak measured that day is at
+# least 0.2 GiB under its estimate.
+OVERHEAD_BYTES = {"onnx": 1.0 * GIB, "torch": 1.8 * GIB, "hf": 2.7 * GIB}
+# ONNX Runtime's decoder arena at its peak (prefill activations, a step, the LM head): a fixed part
+# plus, per token prefilled in one run, this many of one token's (intermediate + hidden) floats;
+# fitted on W1 and W3 int4 (1.3 GiB + 8.8 of them: 2.04 and 4.10 GiB measured), rounded up. The
+# vision arena, handed back after each call: this many of a patch row's (intermediate + hidden)
+# floats per row of its largest run (W1: 0.58 GiB for 8,036 rows).
+ONNX_DECODER_FIXED, ONNX_DECODER_PER_TOKEN, ONNX_VISION_PER_ROW = 1.4 * GIB, 9.0, 8.0
 STAGES = ("decode_video", "preprocess", "vision", "prefill", "scoring", "distribution", "decode")
 
 # -- workloads ---------------------------------------------------------------------------------
@@ -313,15 +326,17 @@ def device_weight_bytes(shape: dict, setup: Setup, float_bytes: int) -> float:
 
 def memory_estimate(shape: dict, plan: dict, setup: Setup, workload: Workload, cuda: bool) -> dict[str, float]:
     """Bytes on the device, before anything loads: weights + KV cache + the largest transient
-    buffers of one forward (+ a CUDA context). Rows and tokens are what each backend holds at
-    its peak: ONNX copies a prefilled view's cache once per label of several tokens when there
-    are two or more (`runtime.engine.cache_copies`); the torch backend copies it once per label,
-    and holds a rubric's shared prefix and two copies of the answer rows; HF one sequence at a
-    time."""
+    buffers of one forward (+ the backend's measured overhead on CUDA, `OVERHEAD_BYTES`). Rows and
+    tokens are what each backend holds at its peak: ONNX copies a prefilled view's cache once per
+    label of several tokens when there are two or more (`runtime.engine.cache_copies`); the torch
+    backend copies it once per label, and holds a rubric's shared prefix and two copies of the
+    answer rows; HF one sequence at a time. ONNX's cache buffers come from onnxruntime's Python-side
+    CUDA arena, which grows by powers of two: up to twice the cache is reserved."""
+    from edgejudge.runtime.vision import PATCHES_PER_RUN
     from edgejudge.torch_backend import cache_bytes
 
     float_bytes = 4 if setup.export == "fp32" or (setup.backend != "onnx" and not cuda) else 2
-    text = shape["text"]
+    text, vis = shape["text"], shape["vis"]
     if plan["labels"]:
         width, fed = max(plan["labels"]), sum(n > 1 for n in plan["labels"])
         copies = len(plan["labels"]) if setup.backend == "torch" else (fed if fed > 1 else 0)
@@ -331,23 +346,25 @@ def memory_estimate(shape: dict, plan: dict, setup: Setup, workload: Workload, c
         rows, tokens = 1 + 2 * len(plan["suffixes"]), plan["prompt"] + workload.spec.max_new_tokens
     else:
         rows, tokens = 1, plan.get("cache_tokens", plan["prompt"] + workload.spec.max_new_tokens)
-    kv = cache_bytes(text["config"], rows, tokens, float_bytes)
+    kv = cache_bytes(text["config"], rows, tokens, float_bytes) * (2 if setup.backend == "onnx" and cuda else 1)
     prompt_rows = plan["videos"] if plan["labels"] and setup.backend != "hf" else 1
-    # HF's forward computes the logits of every position; edgejudge only where they are read
-    logit_positions = plan["prompt"] if setup.backend == "hf" and plan["labels"] else rows
-    vis, groups, patches = shape["vis"], plan["groups"], plan["patches_per_group"]
-    vision = groups * patches * (2 * vis["intermediate"] + 4 * vis["hidden"]) * float_bytes
-    if setup.backend == "onnx":  # the traced vision graph materializes each group's scores and their softmax
-        vision += 2 * groups * vis["heads"] * patches ** 2 * float_bytes
-    activations = max(
-        prompt_rows * plan["prompt"] * (2 * text["intermediate"] + 4 * text["hidden"]) * float_bytes
-        + logit_positions * text["vocab"] * (4 + float_bytes),
-        vision,
-    )
+    groups, patches = plan["groups"], plan["patches_per_group"]
+    if setup.backend == "onnx":
+        run_rows = min(plan["videos"] * groups, max(1, PATCHES_PER_RUN // patches)) * patches
+        vision = ONNX_VISION_PER_ROW * run_rows * (vis["intermediate"] + vis["hidden"]) * float_bytes
+        decoder = prompt_rows * plan["prompt"] * ONNX_DECODER_PER_TOKEN * (text["intermediate"] + text["hidden"]) * float_bytes
+        activations = max(vision, decoder + (ONNX_DECODER_FIXED if cuda else 0))
+    else:
+        # HF's forward computes the logits of every position; edgejudge only where they are read
+        logit_positions = plan["prompt"] if setup.backend == "hf" and plan["labels"] else rows
+        vision = groups * patches * (2 * vis["intermediate"] + 4 * vis["hidden"]) * float_bytes
+        activations = max(prompt_rows * plan["prompt"] * (2 * text["intermediate"] + 4 * text["hidden"]) * float_bytes
+                          + logit_positions * text["vocab"] * (4 + float_bytes), vision)
     weights = device_weight_bytes(shape, setup, float_bytes)
-    total = weights + kv + activations + (CUDA_CONTEXT_BYTES if cuda else 0)
+    overhead = OVERHEAD_BYTES[setup.backend] if cuda else 0
+    total = weights + kv + activations + overhead
     return {"weights_gib": weights / GIB, "kv_cache_gib": kv / GIB, "activations_gib": activations / GIB,
-            "total_gib": total / GIB}
+            "overhead_gib": overhead / GIB, "total_gib": total / GIB}
 
 
 def decode_step_bytes(shape: dict, setup: Setup, context: int) -> float:
