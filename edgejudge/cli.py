@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4", "nf4"], required=True,
                    help="onnx: fp32, fp16, or int8 / int4 decoder weights; bnb: nf4 or int8")
     p.add_argument("--out", required=True, help="artifact folder to write (must be empty or absent)")
-    p.add_argument("--device", default="cpu", help="where to merge (and trace / quantize), cpu or cuda")
+    p.add_argument("--device", default="cpu", help="where the merge (and bnb quantization) runs, cpu or cuda")
     p.add_argument("--block-size", type=int, default=128, help="onnx int8/int4: weights per quantization block")
     p.add_argument("--asymmetric", action="store_true", help="onnx int8/int4: zero points (default symmetric)")
     p.add_argument("--activations", choices=["fp16", "fp32"],

@@ -123,7 +123,7 @@ def export_onnx(base_dir: Path, adapter_dir: Path | None, precision: str, out_di
     """Merge `adapter_dir` into `base_dir` and write the ONNX artifact folder.
 
     `activations`: the float type of the graphs (default: the precision itself for fp32/fp16,
-    fp16 for int8/int4). `device`: where the merge and the vision tracing run.
+    fp16 for int8/int4). `device`: where the merge runs.
     """
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     _, config = base_class(base_dir)
