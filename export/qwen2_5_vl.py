@@ -38,7 +38,9 @@ import torch
 from torch import nn
 
 from edgejudge.export import onnx_io
-from edgejudge.export.onnx_graph import Graph, cast, linear, merged_rows, merger_mlp, tensor_type, vision_blocks, vision_rotary
+from edgejudge.export.onnx_graph import (
+    Graph, cast, linear, merged_rows, merger_mlp, patch_embed, tensor_type, vision_blocks, vision_rotary,
+)
 
 INPUT_NAMES = ("patches", "window_mask", "cos", "sin")
 OUTPUT_NAMES = ("features",)
@@ -77,13 +79,7 @@ def build_vision_graph(visual: nn.Module, float_type=np.float32):
     hidden, heads, merge = config.hidden_size, config.num_heads, config.spatial_merge_size
     head_dim, fullatt = hidden // heads, {int(i) for i in config.fullatt_block_indexes}
     g = Graph(float_type)
-    # patches arrive float32 (the runtime's preprocessing output) and are cast here, on the device
-    proj = visual.patch_embed.proj
-    weight = g.const("patch_embed.weight_t", np.ascontiguousarray(
-        proj.weight.detach().float().cpu().numpy().reshape(proj.weight.shape[0], -1).T.astype(float_type)))
-    x = g.op("MatMul", [cast(g, "patches", float_type, "patches/to_float_type"), weight], name="patch_embed")
-    if proj.bias is not None:
-        x = g.op("Add", [x, g.weight("patch_embed.bias", proj.bias)], name="patch_embed/bias")
+    x = patch_embed(g, visual.patch_embed.proj)
     # the window mask as MultiHeadAttention's (1, 1, S, S) bias in the float type; in fp16 float32's
     # lowest becomes fp16's lowest rather than -inf: either gives exp() = 0 against the unmasked keys
     mask = "window_mask"

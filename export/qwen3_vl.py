@@ -30,7 +30,7 @@ from torch import nn
 
 from edgejudge.export import onnx_io
 from edgejudge.export.onnx_graph import (
-    MS_DOMAIN, Graph, cast, linear, merged_rows, merger_mlp, norm, tensor_type, vision_blocks, vision_rotary,
+    MS_DOMAIN, Graph, linear, merged_rows, merger_mlp, norm, patch_embed, tensor_type, vision_blocks, vision_rotary,
 )
 
 INPUT_NAMES = ("patches", "pos_embeds", "cos", "sin")
@@ -62,14 +62,8 @@ def build_vision_graph(visual: nn.Module, float_type=np.float32):
     head_dim, out = hidden // heads, config.out_hidden_size
     taps = list(config.deepstack_visual_indexes)
     g = Graph(float_type)
-    # patches arrive float32 (the runtime's preprocessing output) and are cast here, on the device:
-    # numpy's float32 -> float16 cast of W1's 12,544 rows took 68 ms of host time on the H100 box
     proj = visual.patch_embed.proj
-    weight = g.const("patch_embed.weight_t", np.ascontiguousarray(
-        proj.weight.detach().float().cpu().numpy().reshape(proj.weight.shape[0], -1).T.astype(float_type)))
-    x = g.op("MatMul", [cast(g, "patches", float_type, "patches/to_float_type"), weight], name="patch_embed")
-    x = g.op("Add", [g.op("Add", [x, g.weight("patch_embed.bias", proj.bias)], name="patch_embed/bias"),
-                     "pos_embeds"], name="pos_embed")
+    x = g.op("Add", [patch_embed(g, proj), "pos_embeds"], name="pos_embed")
     normed, after = vision_blocks(g, x, visual.blocks, visual.merger.norm, heads, vision_rotary(g, head_dim),
                                   _block_mlp)
     merger = visual.merger
