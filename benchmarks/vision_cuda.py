@@ -6,8 +6,8 @@ Parts, p50 over the runs (after 3 warm-ups), for views x frames of 224x224 RGB:
 - `keys`: the vision cache's sha1 of every 2-frame group;
 - `patchify`: resize-free preprocessing into the float32 patch rows;
 - `to_input_dtype`: the cast to the graph's input type (fp16 graphs);
-- `session`: `session.run` alone, numpy in and out (host -> device copy, the graph, device -> host);
-- `split`: the per-group copies the cache keeps, and the concatenation a prompt reads;
+- `session`: the vision runs as the engine makes them (`run_into`: patches from the host, the
+  outputs written into a store of rows on the device, nothing copied back);
 and an ONNX Runtime profile of one session run: time per op type and the Memcpy nodes, against
 the FLOP floor of the graph's linears (2 x parameters x patches, at the H100's dense fp16 peak).
 On CUDA the profile's kernel times are the launches' host time, not device time (the graph's
@@ -80,6 +80,10 @@ def main() -> None:
     h, w = size[0] // patch, size[1] // patch
     vision = engine.vision
     dtype = vision.input_types["patches"]
+    tokens_per_group = h * w // vision.merge**2
+    tables = [ort.OrtValue.ortvalue_from_shape_and_type(
+        [len(groups) * tokens_per_group * vision.rows_per_token(k), vision.out_hidden], vision.output_type,
+        *vision.device) for k in range(len(vision.outputs))]
     times: dict[str, list[float]] = defaultdict(list)
     for run in range(args.runs + 3):
         clock = {}
@@ -92,14 +96,8 @@ def main() -> None:
         clock["patchify"] = time.perf_counter()
         cast = np.ascontiguousarray(patches, dtype=dtype)
         clock["to_input_dtype"] = time.perf_counter()
-        vision.grid_inputs(h, w)
-        feeds = {"patches": cast, **vision._grid_cache[(h, w)]}
-        outputs = vision.session.run(None, feeds)
+        vision.run_into(cast, h, w, tables, 0)
         clock["session"] = time.perf_counter()
-        kept = [{name: np.take(out, g, axis=axis) for out, (name, axis, _) in zip(outputs, vision.outputs)}
-                for g in range(len(groups))]
-        [np.concatenate([k[name] for k in kept], axis=axis) for name, axis, _ in vision.outputs]
-        clock["split"] = time.perf_counter()
         if run >= 3:
             last = start
             for part, t in clock.items():
@@ -116,7 +114,9 @@ def main() -> None:
         "patch_rows": tokens, "input_dtype": np.dtype(dtype).name,
         "p50_ms": {part: p50(samples) for part, samples in times.items()},
         "linear_flop_floor_ms": round(floor_ms, 2),
-        "profile": profile_ops(Path(args.artifact) / "vision.onnx", feeds, Path(args.out),
+        "profile": profile_ops(Path(args.artifact) / "vision.onnx",
+                               {"patches": cast, **vision._grid_cache[(h, w)]},
+                               Path(args.out),
                                "CUDAExecutionProvider" if args.device.startswith("cuda") else "CPUExecutionProvider"),
         "onnxruntime": ort.__version__,
     }

@@ -13,8 +13,9 @@ calls it makes, with the GPU's used memory after each stage.
   default), for the comparison with `runtime.sessions.release_after_runs`; `--provider-option
   K=V` adds CUDA provider options.
 (ONNX Runtime's own profile is not used: on CUDA it times each kernel's launch on the host, not
-its device time.)
-Torch-free.
+its device time.) `--kernels N`: one more run under torch's profiler, whose CUPTI tracing sees
+every CUDA kernel of the process, ONNX Runtime's included: the N kernels of most device time,
+each with its calls and summed device ms (the one use of torch here, imported only then).
 """
 
 from __future__ import annotations
@@ -62,6 +63,19 @@ class Clock:
         setattr(owner, attribute, timed)
 
 
+def device_kernels(run, engine, top: int) -> dict:
+    """Device time of one `run()` (the vision cache emptied first) by CUDA kernel, from CUPTI."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.cache.entries.clear()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+    rows = [(e.key, e.count, e.device_time_total / 1e3) for e in prof.key_averages() if e.device_time_total > 0]
+    rows.sort(key=lambda row: -row[2])
+    return {"total_device_ms": round(sum(ms for _, _, ms in rows), 2),
+            "top": [{"kernel": key[:160], "calls": count, "ms": round(ms, 3)} for key, count, ms in rows[:top]]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("artifact")
@@ -75,6 +89,7 @@ def main() -> None:
     parser.add_argument("--provider-option", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra CUDA provider option (repeatable)")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run")
+    parser.add_argument("--kernels", type=int, default=0, help="list the N kernels of most device time in one run")
     args = parser.parse_args()
     if args.keep_vision_arena:
         vision_module.release_after_runs = lambda providers: None
@@ -112,7 +127,7 @@ def main() -> None:
             (engine, "prompt", "engine.prompt"), (engine, "visual", "engine.visual"),
             (engine, "prefill", "engine.prefill"), (engine, "_score_batch", "engine.score_batch"),
             (engine_module.VisionCache, "key", "vision_cache.key"), (engine_module, "preprocess_video", "preprocess_video"),
-            (vision, "run_groups", "vision.run_groups"), (decoder, "multimodal_embeds", "decoder.multimodal_embeds"),
+            (vision, "run_into", "vision.run_into"), (decoder, "multimodal_embeds", "decoder.multimodal_embeds"),
             (decoder, "cos_sin", "decoder.cos_sin"), (decoder, "reset", "decoder.reset"), (decoder, "_run", "decoder.run"),
             (decoder, "logits", "decoder.logits"), (decoder, "repeat_cache", "decoder.repeat_cache"),
             (engine_module, "mean_nll", "mean_nll")):
@@ -142,13 +157,15 @@ def main() -> None:
             for name, ms in {**clock.ms, **{f"stage.{k}": v for k, v in decision.timings_ms.items()}}.items():
                 samples[name].append(ms)
     done.set()
+    kernels = device_kernels(lambda: judge.check(INSTRUCTION, views, fps=20.0, sample="none"), engine,
+                             args.kernels) if args.kernels else None
     report = {
         "artifact": args.artifact, "vision_arena_released": not args.keep_vision_arena, "gpu_mem_gb": args.gpu_mem_gb,
         "provider_options": args.provider_option, "patches_per_run": vision_module.PATCHES_PER_RUN,
         "p50_ms": {name: round(float(np.median(v)), 2) for name, v in sorted(samples.items())},
         "memory_gib_after": {k: round(v, 3) for k, v in memory.items()},
         "peak_gib": round((peak[0] - idle) / GIB, 3), "first_run_memory_trace": first_run_trace,
-        "prefill_rows": shape, "onnxruntime": ort.__version__,
+        "prefill_rows": shape, "onnxruntime": ort.__version__, "kernels": kernels,
     }
     print(json.dumps(report))
 

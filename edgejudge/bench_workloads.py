@@ -257,7 +257,8 @@ def model_shape(config: dict, lora_rank: int | None) -> dict:
     }
     parts["vis"] = {
         "hidden": vision.hidden_size, "depth": vision.depth, "intermediate": vision.intermediate_size,
-        "heads": vision.num_heads, "merge": vision.spatial_merge_size,
+        "heads": vision.num_heads, "merge": vision.spatial_merge_size, "out_hidden": vision.out_hidden_size,
+        "taps": len(getattr(vision, "deepstack_visual_indexes", None) or ()),
         "full_layers": len(windowed) if windowed is not None else vision.depth,
         "window": (vision.window_size // vision.patch_size) ** 2 if windowed is not None else None,
     }
@@ -331,7 +332,10 @@ def memory_estimate(shape: dict, plan: dict, setup: Setup, workload: Workload, c
     label of several tokens when there are two or more (`runtime.engine.cache_copies`); the torch
     backend copies it once per label, and holds a rubric's shared prefix and two copies of the
     answer rows; HF one sequence at a time. ONNX's cache buffers come from onnxruntime's Python-side
-    CUDA arena, which grows by powers of two: up to twice the cache is reserved."""
+    CUDA arena, which grows by powers of two: up to twice the cache is reserved. ONNX also keeps
+    the vision outputs in a store on the device (in that arena too), sized for the cache's groups
+    or the call's, and gathers the decoder's inputs from it (`splice.onnx`)."""
+    from edgejudge.runtime.engine import CACHE_GROUPS
     from edgejudge.runtime.vision import PATCHES_PER_RUN
     from edgejudge.torch_backend import cache_bytes
 
@@ -353,7 +357,12 @@ def memory_estimate(shape: dict, plan: dict, setup: Setup, workload: Workload, c
         run_rows = min(plan["videos"] * groups, max(1, PATCHES_PER_RUN // patches)) * patches
         vision = ONNX_VISION_PER_ROW * run_rows * (vis["intermediate"] + vis["hidden"]) * float_bytes
         decoder = prompt_rows * plan["prompt"] * ONNX_DECODER_PER_TOKEN * (text["intermediate"] + text["hidden"]) * float_bytes
-        activations = max(vision, decoder + (ONNX_DECODER_FIXED if cuda else 0))
+        # the vision store (in the same Python-side arena as the cache: counted twice on CUDA) and
+        # the splice's outputs, the decoder's inputs (held while the prefill runs)
+        store = (max(plan["videos"] * groups, CACHE_GROUPS) * (patches // vis["merge"] ** 2) * (1 + vis["taps"])
+                 * vis["out_hidden"] * float_bytes) * (2 if cuda else 1)
+        splice = prompt_rows * plan["prompt"] * (1 + vis["taps"]) * text["hidden"] * float_bytes
+        activations = store + splice + max(vision, decoder + (ONNX_DECODER_FIXED if cuda else 0))
     else:
         # HF's forward computes the logits of every position; edgejudge only where they are read
         logit_positions = plan["prompt"] if setup.backend == "hf" and plan["labels"] else rows

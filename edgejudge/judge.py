@@ -20,7 +20,7 @@ import numpy as np
 
 from edgejudge.errors import InputError
 from edgejudge.manifest import MANIFEST_NAME, read_manifest
-from edgejudge.runtime.engine import DIGITS, Engine, Prompt, StageTimer
+from edgejudge.runtime.engine import CACHE_GROUPS, DIGITS, Engine, Prompt, StageTimer
 from edgejudge.runtime.model import read_config, sample_clip
 from edgejudge.runtime.sessions import memory_errors
 from edgejudge.runtime.video import Clip, read_video
@@ -84,7 +84,7 @@ class Judge:
 
     @classmethod
     def load(cls, artifact_dir: str | Path, spec: str | JudgeSpec | None = None, device: str = "cpu",
-             gpu_mem_gb: float | None = None, cache_groups: int = 128, hf: str | None = None,
+             gpu_mem_gb: float | None = None, cache_groups: int = CACHE_GROUPS, hf: str | None = None,
              prompt_dir: str | Path | None = None) -> "Judge":
         """`spec`: a spec name, a JudgeSpec, or None for the one recorded in the artifact.
         `cache_groups`: how many 2-frame groups of vision outputs to keep (LRU, ONNX artifacts).

@@ -33,8 +33,11 @@ Written into one folder:
   -> `key_i_rows`, `value_i_rows` (N, kv_heads, seq, head_dim), a Gather on axis 0 of every cache
   tensor: the runtime repeats a prefilled cache per candidate label on the device with it, where
   the cache lives, instead of copying it through the host.
+- `splice.onnx` (`build_splice_graph`): the decoder's `inputs_embeds` (and DeepStack input)
+  gathered from the prompt's text embeddings and the visual features on the device, where the
+  vision encoder left them: the features never travel through the host.
 - `embed.npy`: the (vocab, hidden) token-embedding table in the float type, for the runtime's
-  lookup (memory-mapped, numpy only).
+  lookup of text tokens (memory-mapped, numpy only).
 - `decoder.npz`: what the runtime needs besides the graphs (rotary inverse frequencies, mrope
   section, sizes).
 """
@@ -51,7 +54,7 @@ from edgejudge.export.onnx_graph import MS_DOMAIN, Graph, as_numpy, cast, linear
 from edgejudge.export.onnx_io import save_onnx
 
 DECODER_NAME, LM_HEAD_NAME, EMBED_NAME, SIDECAR_NAME = "decoder.onnx", "lm_head.onnx", "embed.npy", "decoder.npz"
-CACHE_ROWS_NAME = "cache_rows.onnx"
+CACHE_ROWS_NAME, SPLICE_NAME = "cache_rows.onnx", "splice.onnx"
 FLOAT_TYPES = {"fp32": np.float32, "fp16": np.float16}
 
 
@@ -195,6 +198,36 @@ def build_cache_rows_graph(num_layers: int, kv_heads: int, head_dim: int, dtype=
     return g.model("cache_rows", inputs, outputs)
 
 
+def build_splice_graph(hidden: int, deepstack_taps: int, dtype=np.float32):
+    """The decoder's inputs assembled where the visual features are (the device). Each position
+    takes a row of `text` (T, hidden), the prompt's token embeddings, or, where `vision_mask`
+    (B, S) is set, a row of `features` (R, hidden), the visual rows: `text_index`, `feature_index`
+    (B, S) int64 say which -> `inputs_embeds` (B, S, hidden). With DeepStack also `taps` (R',
+    hidden) and `tap_index` (n_taps, B, S) -> `deepstack` (n_taps, B, S, hidden), zeros off the
+    mask. Gathers and selects only: exact."""
+    from onnx import TensorProto, helper
+
+    f = tensor_type(dtype)
+    g = Graph(dtype)
+    mask = g.op("Unsqueeze", ["vision_mask", g.const("axes.-1", np.array([-1], np.int64))], name="mask")
+    g.op("Where", [mask, g.op("Gather", ["features", "feature_index"], name="visual", axis=0),
+                   g.op("Gather", ["text", "text_index"], name="text_rows", axis=0)], ["inputs_embeds"],
+         name="inputs_embeds")
+    inputs = [helper.make_tensor_value_info("text", f, ["text_rows", hidden]),
+              helper.make_tensor_value_info("features", f, ["feature_rows", hidden]),
+              helper.make_tensor_value_info("vision_mask", TensorProto.BOOL, ["batch", "seq"]),
+              helper.make_tensor_value_info("text_index", TensorProto.INT64, ["batch", "seq"]),
+              helper.make_tensor_value_info("feature_index", TensorProto.INT64, ["batch", "seq"])]
+    outputs = [helper.make_tensor_value_info("inputs_embeds", f, ["batch", "seq", hidden])]
+    if deepstack_taps:
+        g.op("Where", [mask, g.op("Gather", ["taps", "tap_index"], name="tap_rows", axis=0),
+                       g.const("zero", np.zeros((), dtype))], ["deepstack"], name="deepstack")
+        inputs += [helper.make_tensor_value_info("taps", f, ["tap_rows", hidden]),
+                   helper.make_tensor_value_info("tap_index", TensorProto.INT64, [deepstack_taps, "batch", "seq"])]
+        outputs.append(helper.make_tensor_value_info("deepstack", f, [deepstack_taps, "batch", "seq", hidden]))
+    return g.model("splice", inputs, outputs)
+
+
 def _external_tensor(name: str, dtype, shape: tuple[int, ...], location: str, offset: int):
     """A TensorProto whose data is read from `location` at byte `offset` (raw, C order)."""
     from onnx import TensorProto
@@ -289,8 +322,8 @@ def head_weight(model):
 
 
 def export_decoder_onnx(model, out_dir: str | Path, family: ModuleType, float_type: str = "fp32") -> Path:
-    """Write decoder.onnx (+ .data), lm_head.onnx, cache_rows.onnx, embed.npy (and lm_head.npy if
-    untied) and decoder.npz into `out_dir`. `family` is the export family module (its DeepStack taps)."""
+    """Write decoder.onnx (+ .data), lm_head.onnx, cache_rows.onnx, splice.onnx, embed.npy (and
+    lm_head.npy if untied) and decoder.npz into `out_dir`. `family` is the export family module (its DeepStack taps)."""
     import onnx
 
     out_dir = Path(out_dir)
@@ -313,6 +346,7 @@ def export_decoder_onnx(model, out_dir: str | Path, family: ModuleType, float_ty
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
     onnx.save_model(build_cache_rows_graph(tc.num_hidden_layers, tc.num_key_value_heads, head_dim, dtype),
                     str(out_dir / CACHE_ROWS_NAME))
+    onnx.save_model(build_splice_graph(tc.hidden_size, taps, dtype), str(out_dir / SPLICE_NAME))
     from edgejudge.runtime.model import FAMILIES  # the runtime family owns the rotary layout
 
     np.savez(out_dir / SIDECAR_NAME,

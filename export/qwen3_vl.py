@@ -5,7 +5,9 @@ Every vision attention layer of Qwen3-VL attends inside one temporal patch group
 `patches` (G, S, C*T*P*P) with S = h*w patches of one group, in the processor's row order
 (merge-window row, merge-window col, then the 2x2 inside the window), and returns
 `features` (G, S/4, out_hidden) (HF's `pooler_output`, the merger's output) and `deepstack`
-(len(deepstack_visual_indexes), G, S/4, out_hidden) (HF's `deepstack_features`, stacked).
+(G, len(deepstack_visual_indexes), S/4, out_hidden) (HF's `deepstack_features`, stacked). Both
+put the groups first, so a run of consecutive groups is one contiguous block of each output: the
+runtime writes each run straight into its store of visual rows on the device.
 
 What depends only on the grid (h, w) is computed outside the graph, by the torch-free runtime
 (`edgejudge.runtime.vision`): the learned position embeddings bilinearly resampled to the grid
@@ -69,14 +71,14 @@ def build_vision_graph(visual: nn.Module, float_type=np.float32):
     merger = visual.merger
     g.op("Identity", [merger_mlp(g, merged_rows(g, normed, hidden, merge, "merger.rows"), merger.linear_fc1,
                                  merger.linear_fc2, "merger")], ["features"], name="features")
-    axis0 = g.const("axes.0", np.array([0], np.int64))
+    axis1 = g.const("axes.1", np.array([1], np.int64))
     stacked = []
     for n, layer in enumerate(taps):
         m = visual.deepstack_merger_list[n]  # postshuffle norm: over a merged unit's 4 rows side by side
         rows = merged_rows(g, after[layer], hidden, merge, f"deepstack.{n}.rows")
         y = merger_mlp(g, norm(g, rows, m.norm, f"deepstack.{n}.norm"), m.linear_fc1, m.linear_fc2, f"deepstack.{n}")
-        stacked.append(g.op("Unsqueeze", [y, axis0], name=f"deepstack.{n}/unsqueeze"))
-    g.op("Concat", stacked, ["deepstack"], name="deepstack", axis=0)
+        stacked.append(g.op("Unsqueeze", [y, axis1], name=f"deepstack.{n}/unsqueeze"))
+    g.op("Concat", stacked, ["deepstack"], name="deepstack", axis=1)
     f = tensor_type(float_type)
     inputs = [helper.make_tensor_value_info("patches", TensorProto.FLOAT, ["groups", "patches_per_group",
                                                                            proj.weight[0].numel()]),
@@ -84,7 +86,7 @@ def build_vision_graph(visual: nn.Module, float_type=np.float32):
               helper.make_tensor_value_info("cos", TensorProto.FLOAT, ["patches_per_group", head_dim]),
               helper.make_tensor_value_info("sin", TensorProto.FLOAT, ["patches_per_group", head_dim])]
     outputs = [helper.make_tensor_value_info("features", f, ["groups", "tokens_per_group", out]),
-               helper.make_tensor_value_info("deepstack", f, [len(taps), "groups", "tokens_per_group", out])]
+               helper.make_tensor_value_info("deepstack", f, ["groups", len(taps), "tokens_per_group", out])]
     return g.model("qwen3_vl_vision", inputs, outputs)
 
 

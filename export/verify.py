@@ -16,6 +16,7 @@ import torch
 from edgejudge.errors import InputError
 from edgejudge.manifest import verify_artifact
 from edgejudge.runtime import model as runtime_model
+from edgejudge.runtime.decoder import VisualRows
 from edgejudge.runtime.engine import label_positions, mean_nll
 from edgejudge.runtime.video import Clip
 from edgejudge.specs import JudgeSpec
@@ -32,13 +33,13 @@ class OnnxScorer:
         self.decoder = TextDecoder(artifact)
 
     def __call__(self, model: runtime_model.Model, arrays: dict, labels: tuple[str, ...]) -> dict[str, float]:
-        features, taps = self.vision.encode(arrays["pixel_values_videos"], arrays["video_grid_thw"])
+        visual = VisualRows.of(*self.vision.encode(arrays["pixel_values_videos"], arrays["video_grid_thw"]))
         prompt_len = arrays["input_ids"].shape[1]
         scores = {}
         for label in labels:
             label_ids = model.prompter.encode(label)
             ids, positions = label_positions(arrays, label_ids)
-            embeds, deepstack = self.decoder.multimodal_embeds(ids, model.video_token_id, features, taps)
+            embeds, deepstack = self.decoder.multimodal_embeds(ids, model.video_token_id, visual)
             hidden = self.decoder.prefill(embeds, *self.decoder.cos_sin(positions), deepstack)
             scores[label] = mean_nll(self.decoder.logits(hidden[:, prompt_len - 1 : -1])[0], label_ids)
         return scores

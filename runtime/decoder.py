@@ -2,8 +2,10 @@
 
 The graphs come from `edgejudge.export.onnx_decoder`: `decoder.onnx` (layers + final norm, fused
 ORT ops, KV cache in/out), `lm_head.onnx` (logits only at the positions asked for),
-`cache_rows.onnx` (picks cache rows), `embed.npy` (the token-embedding table, memory-mapped) and
-`decoder.npz` (rotary inverse frequencies, the mrope section and layout, sizes). The graphs' float type (fp32 or fp16) is read from the session;
+`cache_rows.onnx` (picks cache rows), `splice.onnx` (the decoder's inputs gathered on the device
+from the text embeddings and the visual rows: `multimodal_embeds`), `embed.npy` (the
+token-embedding table, memory-mapped) and `decoder.npz` (rotary inverse frequencies, the mrope
+section and layout, sizes). The graphs' float type (fp32 or fp16) is read from the session;
 inputs are cast to it, logits come back float32.
 
 Positions: the prompt's (3, B, S) M-RoPE position ids come from `edgejudge.runtime.model.build_inputs`;
@@ -46,10 +48,10 @@ from typing import Callable, Mapping
 import numpy as np
 
 from edgejudge.errors import InputError
-from edgejudge.runtime.sessions import open_session, provider_name
+from edgejudge.runtime.sessions import open_session, provider_name, release_after_runs
 
 DECODER_NAME, LM_HEAD_NAME, EMBED_NAME, SIDECAR_NAME = "decoder.onnx", "lm_head.onnx", "embed.npy", "decoder.npz"
-CACHE_ROWS_NAME = "cache_rows.onnx"
+CACHE_ROWS_NAME, SPLICE_NAME = "cache_rows.onnx", "splice.onnx"
 CAPACITY_STEP = 256  # KV cache capacities are multiples of this when decoding steps are CUDA graphs
 
 
@@ -107,17 +109,21 @@ def mrope_cos_sin(position_ids: np.ndarray, config: Mapping) -> tuple[np.ndarray
     if pos.ndim != 3 or pos.shape[0] != 3:
         raise InputError(f"position_ids of shape {pos.shape}: expected (3, batch, seq)")
     axis = frequency_axes(len(inv_freq), section, interleaved)
-    # freqs[b, s, j] = pos[axis[j], b, s] * inv_freq[j], a float32 product as in HF's matmul over a 1-wide dim
-    chosen = np.moveaxis(pos[axis], 0, -1).astype(np.float32)  # (B, S, half)
-    freqs = chosen * inv_freq
-    # cos/sin in float64, rounded: within an ulp of torch's float32 kernels.
-    cos = np.cos(freqs.astype(np.float64))
-    sin = np.sin(freqs.astype(np.float64))
+    # freqs[b, s, j] = pos[axis[j], b, s] * inv_freq[j], a float32 product as in HF's matmul over a
+    # 1-wide dim; cos/sin in float64, rounded: within an ulp of torch's float32 kernels. A prompt's
+    # positions span a short range with many repeats (a video's tokens share their time index), so
+    # each (position, frequency) pair is evaluated once, in a table, and gathered: the same values.
+    half = len(inv_freq)
+    low = int(pos.min()) if pos.size else 0
+    values = np.arange(low, int(pos.max()) + 1 if pos.size else low, dtype=np.int64)
+    angles = (values.astype(np.float32)[:, None] * inv_freq).astype(np.float64)  # (P, half)
+    table = np.concatenate([np.cos(angles), np.sin(angles)], axis=1)  # (P, 2 * half): cos | sin
     if scaling != 1.0:
-        cos, sin = cos * scaling, sin * scaling
-    cos = np.concatenate([cos, cos], axis=-1).astype(np.float32)
-    sin = np.concatenate([sin, sin], axis=-1).astype(np.float32)
-    return cos, sin
+        table = table * scaling
+    table = table.astype(np.float32).ravel()
+    at = (np.moveaxis(pos[axis], 0, -1) - low) * (2 * half) + np.arange(half)  # (B, S, half): each cos
+    cos, sin = table.take(at), table.take(at + half)
+    return np.concatenate([cos, cos], axis=-1), np.concatenate([sin, sin], axis=-1)
 
 
 def decode_position_ids(start: int, count: int, rope_deltas: np.ndarray, batch: int = 1) -> np.ndarray:
@@ -151,6 +157,50 @@ class CacheSnapshot:
     batch: int
 
 
+@dataclass(frozen=True)
+class VisualRows:
+    """A prompt's visual features, by reference: `features` a (R, hidden) table (numpy, or an
+    OrtValue on the decoder's device: the vision engine's store) and `feature_rows` (N,) the table
+    row of each of the prompt's N vision tokens, in order; for DeepStack, `taps` (R', hidden) and
+    `tap_rows` (n_taps, N) likewise."""
+
+    features: object
+    feature_rows: np.ndarray
+    taps: object = None
+    tap_rows: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, features: np.ndarray, taps=()) -> VisualRows:
+        """Rows of merged arrays: `features` (N, hidden), `taps` (n_taps, N, hidden) or none."""
+        n = len(features)
+        if not len(taps):
+            return cls(features, np.arange(n))
+        taps = np.asarray(taps)
+        return cls(features, np.arange(n), taps.reshape(len(taps) * n, -1), np.arange(len(taps) * n).reshape(-1, n))
+
+    @staticmethod
+    def join(parts: list[VisualRows]) -> VisualRows:
+        """The rows of several prompts on the same tables, one after another (a batch's, row-major)."""
+        first = parts[0]
+        if any(p.features is not first.features or p.taps is not first.taps for p in parts):
+            raise InputError("visual rows of one batch must come from the same tables")
+        taps = None if first.tap_rows is None else np.concatenate([p.tap_rows for p in parts], axis=1)
+        return VisualRows(first.features, np.concatenate([p.feature_rows for p in parts]), first.taps, taps)
+
+
+def shape_of(value) -> tuple[int, ...]:
+    """The shape of a numpy array or an OrtValue."""
+    return tuple(value.shape()) if hasattr(value, "data_ptr") else np.shape(value)
+
+
+def _bind_input(binding, name: str, value, dtype) -> None:
+    """Bind numpy (copied to the session's device, cast to `dtype`) or an OrtValue (in place)."""
+    if hasattr(value, "data_ptr"):
+        binding.bind_ortvalue_input(name, value)
+    else:
+        binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype))
+
+
 class TextDecoder:
     """ONNX Runtime sessions on the exported decoder, LM head and cache-row graph, plus the KV cache
     on the sessions' device."""
@@ -160,7 +210,7 @@ class TextDecoder:
         import onnxruntime as ort
 
         self.folder = Path(folder)
-        names = (DECODER_NAME, LM_HEAD_NAME, CACHE_ROWS_NAME, EMBED_NAME, SIDECAR_NAME)
+        names = (DECODER_NAME, LM_HEAD_NAME, CACHE_ROWS_NAME, SPLICE_NAME, EMBED_NAME, SIDECAR_NAME)
         missing = [n for n in names if not (self.folder / n).is_file()]
         if missing:
             raise InputError(f"{self.folder}: no exported decoder (missing {', '.join(missing)})")
@@ -176,10 +226,10 @@ class TextDecoder:
         providers = list(providers)
         self.cuda_graph = cuda_graph and provider_name(providers[0]) == "CUDAExecutionProvider"
         decoder_providers = [_with_cuda_graph(providers[0]), *providers[1:]] if self.cuda_graph else providers
-        self.session, self.head, self.cache_rows = (
+        self.session, self.head, self.cache_rows, self.splice = (
             open_session(self.folder / name, chosen)
             for name, chosen in ((DECODER_NAME, decoder_providers), (LM_HEAD_NAME, providers),
-                                 (CACHE_ROWS_NAME, providers)))
+                                 (CACHE_ROWS_NAME, providers), (SPLICE_NAME, providers)))
         # where the cache and hidden states live: the device of the provider ORT actually runs first
         if self.session.get_providers()[0] == "CUDAExecutionProvider":
             self.device = "cuda"
@@ -193,6 +243,8 @@ class TextDecoder:
         self.batch = 0
         # every run but the fixed steps' own: no CUDA graph (prefills change shape from run to run)
         self.run_options = ort.RunOptions()
+        # the splice's gathers are as large as its outputs: handed back when it ends, not held
+        self.splice_options = release_after_runs(providers)
         if self.cuda_graph:
             self.run_options.add_run_config_entry("gpu_graph_id", "-1")
         self.fixed: tuple[tuple, FixedStep] | None = None  # the bound step and the cache buffers it is bound to
@@ -209,26 +261,48 @@ class TextDecoder:
     def cos_sin(self, position_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return mrope_cos_sin(position_ids, self.rope)
 
-    def multimodal_embeds(self, input_ids: np.ndarray, vision_token_id: int, features: np.ndarray,
-                          deepstack: list[np.ndarray] | np.ndarray = ()) -> tuple[np.ndarray, np.ndarray | None]:
-        """Token embeddings with the visual features written at the vision-token positions (the
-        video's or the image's pad token; HF's masked_scatter, row-major over the batch) and the
-        (n_taps, B, S, hidden) DeepStack input (the taps at the same positions, zeros elsewhere;
-        None for a family without DeepStack)."""
+    def multimodal_embeds(self, input_ids: np.ndarray, vision_token_id: int, visual: VisualRows):
+        """The decoder's inputs for a prompt batch, as OrtValues on the device: token embeddings
+        with the visual features at the vision-token positions (the video's or the image's pad
+        token; HF's masked_scatter, row-major over the batch) and the (n_taps, B, S, hidden)
+        DeepStack input (the taps at the same positions, zeros elsewhere; None without DeepStack).
+        `splice.onnx` gathers them where the features are; only the text rows and indexes travel."""
         ids = np.asarray(input_ids, np.int64)
-        embeds = self.embed(ids)
         mask = ids == vision_token_id
-        if int(mask.sum()) != len(features):
-            raise InputError(f"{int(mask.sum())} vision tokens but {len(features)} visual features")
-        embeds[mask] = features
-        if len(deepstack) != self.num_deepstack:
-            raise InputError(f"{len(deepstack)} DeepStack taps, the decoder takes {self.num_deepstack}")
-        if not self.num_deepstack:
-            return embeds, None
-        taps = np.zeros((self.num_deepstack, *ids.shape, self.hidden_size), self.dtype)
-        for i, tap in enumerate(deepstack):
-            taps[i][mask] = tap
-        return embeds, taps
+        if int(mask.sum()) != len(visual.feature_rows):
+            raise InputError(f"{int(mask.sum())} vision tokens but {len(visual.feature_rows)} visual features")
+        taps = 0 if visual.tap_rows is None else len(visual.tap_rows)
+        if taps != self.num_deepstack:
+            raise InputError(f"{taps} DeepStack taps, the decoder takes {self.num_deepstack}")
+        text_ids = ids[~mask]
+        # a position takes its row from `text` or from `features` (Where on the mask); the other
+        # index is 0 there, so each table needs a row
+        text = self.embed(text_ids) if len(text_ids) else np.zeros((1, self.hidden_size), self.dtype)
+        text_index, feature_index = np.zeros(ids.shape, np.int64), np.zeros(ids.shape, np.int64)
+        text_index[~mask] = np.arange(len(text_ids))
+        feature_index[mask] = visual.feature_rows
+        empty = np.zeros((1, self.hidden_size), self.dtype)
+        binding = self.splice.io_binding()
+        feeds = {"text": text, "features": visual.features if shape_of(visual.features)[0] else empty,
+                 "vision_mask": mask, "text_index": text_index, "feature_index": feature_index}
+        if taps:
+            tap_index = np.zeros((taps, *ids.shape), np.int64)
+            tap_index[:, mask] = visual.tap_rows
+            feeds.update(taps=visual.taps if shape_of(visual.taps)[0] else empty, tap_index=tap_index)
+        for name, value in feeds.items():
+            _bind_input(binding, name, value, value.dtype if isinstance(value, np.ndarray) else self.dtype)
+        for output in self.splice.get_outputs():
+            binding.bind_output(output.name, self.device, self.device_id)
+        self.splice.run_with_iobinding(binding, self.splice_options)
+        outputs = binding.get_outputs()
+        return outputs[0], (outputs[1] if taps else None)
+
+    def visual_arrays(self, visual: VisualRows) -> tuple[np.ndarray, np.ndarray | None]:
+        """A prompt's visual features (N, hidden) and DeepStack taps (n_taps, N, hidden; None
+        without DeepStack), copied to the host: only its rows travel, gathered by `splice.onnx`."""
+        every = np.full((1, len(visual.feature_rows)), -1, np.int64)  # every position a vision token
+        embeds, deepstack = self.multimodal_embeds(every, -1, visual)
+        return embeds.numpy()[0], (None if deepstack is None else deepstack.numpy()[:, 0])
 
     # -- the cache ------------------------------------------------------------------------------
     @property
@@ -304,8 +378,7 @@ class TextDecoder:
     # -- running --------------------------------------------------------------------------------
     def _run(self, inputs_embeds, cos, sin, deepstack):
         """One decoder run through IO binding: the hidden states as an OrtValue on the device."""
-        embeds = np.ascontiguousarray(inputs_embeds, self.dtype)
-        b, s, hidden = embeds.shape
+        b, s, hidden = shape_of(inputs_embeds)
         if hidden != self.hidden_size:
             raise InputError(f"inputs_embeds of hidden size {hidden}, the decoder takes {self.hidden_size}")
         if b != self.batch:
@@ -319,16 +392,16 @@ class TextDecoder:
             raise InputError(f"{s} tokens after {self.past_length} do not fit the KV cache of {self.capacity}: "
                              f"prefill with capacity >= {total}")
         binding = self.session.io_binding()
-        binding.bind_cpu_input("inputs_embeds", embeds)
+        _bind_input(binding, "inputs_embeds", inputs_embeds, self.dtype)
         binding.bind_cpu_input("cos", np.ascontiguousarray(cos, self.dtype))
         binding.bind_cpu_input("sin", np.ascontiguousarray(sin, self.dtype))
         if self.num_deepstack:
             if deepstack is None:
                 deepstack = np.zeros((self.num_deepstack, b, s, hidden), self.dtype)
-            elif np.shape(deepstack) != (self.num_deepstack, b, s, hidden):
-                raise InputError(f"deepstack of shape {np.shape(deepstack)}, expected "
+            elif shape_of(deepstack) != (self.num_deepstack, b, s, hidden):
+                raise InputError(f"deepstack of shape {shape_of(deepstack)}, expected "
                                  f"{(self.num_deepstack, b, s, hidden)}")
-            binding.bind_cpu_input("deepstack", np.ascontiguousarray(deepstack, self.dtype))
+            _bind_input(binding, "deepstack", deepstack, self.dtype)
         elif deepstack is not None:
             raise InputError("this decoder takes no DeepStack input")
         binding.bind_cpu_input("seqlens_k", np.full((b,), total - 1, np.int32))  # no padding: every row is `total` long
@@ -348,18 +421,18 @@ class TextDecoder:
         self.past_length = total
         return outputs[0]
 
-    def prefill(self, inputs_embeds: np.ndarray, cos: np.ndarray, sin: np.ndarray,
-                deepstack: np.ndarray | None = None, capacity: int | None = None, on_device: bool = False):
+    def prefill(self, inputs_embeds, cos: np.ndarray, sin: np.ndarray, deepstack=None,
+                capacity: int | None = None, on_device: bool = False):
         """Run the prompt from an empty cache with room for `capacity` tokens (default: the prompt;
         give prompt + tokens to come so the steps write in place): the (B, S, hidden) final-norm
-        hidden states, as numpy or, with `on_device`, as the OrtValue on the device (for `logits`)."""
-        b, s = np.shape(inputs_embeds)[:2]
+        hidden states, as numpy or, with `on_device`, as the OrtValue on the device (for `logits`).
+        `inputs_embeds` and `deepstack`: numpy or OrtValues on the device (`multimodal_embeds`)."""
+        b, s = shape_of(inputs_embeds)[:2]
         self.reset(b, max(s, capacity or 0))
         hidden = self._run(inputs_embeds, cos, sin, deepstack)
         return hidden if on_device else hidden.numpy()
 
-    def step(self, inputs_embeds: np.ndarray, cos: np.ndarray, sin: np.ndarray,
-             deepstack: np.ndarray | None = None, on_device: bool = False):
+    def step(self, inputs_embeds, cos: np.ndarray, sin: np.ndarray, deepstack=None, on_device: bool = False):
         """Extend the cached sequence by S >= 1 tokens (no DeepStack unless given): (B, S, hidden),
         numpy or (`on_device`) an OrtValue on the device."""
         if not self.past:

@@ -10,8 +10,9 @@ cache and greedy decoding. numpy + onnxruntime only: this ships to the robot.
 - Views: the views of one decision whose prompts have the same length run as one batch in the
   vision encoder and the prefill; views of other lengths run one after another.
 - Vision cache: the vision graph runs one 2-frame group per batch row and no attention crosses
-  groups, so a group's outputs depend only on its frames and target size. They are cached (LRU),
-  and a sliding window re-encodes only its new groups.
+  groups, so a group's outputs depend only on its frames and target size. They stay on the
+  device, in a store of rows the decoder's inputs are gathered from, and are cached there: a
+  sliding window re-encodes only its new groups.
 - GPU memory cap: before any session loads, and before each request, the weights on the device
   (the graphs' files) plus the request's KV cache are estimated; over the cap is an InputError
   naming the estimate, not an out-of-memory error halfway through a run.
@@ -34,13 +35,14 @@ import numpy as np
 
 from edgejudge.errors import InputError
 from edgejudge.runtime import model as runtime_model
-from edgejudge.runtime.decoder import TextDecoder, decode_position_ids
+from edgejudge.runtime.decoder import TextDecoder, VisualRows, decode_position_ids
 from edgejudge.runtime.preprocess import preprocess_video
 from edgejudge.runtime.sessions import execution_providers
 from edgejudge.runtime.video import Clip
 from edgejudge.runtime.vision import load_vision_encoder
 
 VISION_NAME = "vision.onnx"
+CACHE_GROUPS = 128  # 2-frame groups the vision cache keeps by default (W1: two decisions' worth)
 DIGITS = ("1", "2", "3", "4", "5")
 
 
@@ -133,7 +135,14 @@ class StageTimer:
 
 
 class VisionCache:
-    """Vision-encoder outputs per 2-frame group, the least recently used dropped first.
+    """Vision-encoder outputs per 2-frame group, kept where the vision encoder ran (the GPU): a
+    store of rows, per vision output one (capacity x rows per token, hidden) table (`tables`).
+
+    A group's tokens take consecutive rows, written there by the vision run itself
+    (`GroupedVisionGraph.run_into`), and the decoder's inputs are gathered from them
+    (`TextDecoder.multimodal_embeds`): features never travel through the host. New groups take
+    the rows after the last ones claimed, from row 0 again at the end (a ring); the groups whose
+    rows they overwrite leave the cache, and beyond `max_groups` the least recently used leave too.
 
     Key: sha1 of the group's raw uint8 frames, their shape, and the target size. Measured with
     time.perf_counter on 64 frames of 224x224 (2 CPU cores): sha1 over the raw frames takes
@@ -146,23 +155,44 @@ class VisionCache:
         if max_groups < 0:
             raise InputError(f"the vision cache holds max_groups >= 0 groups, not {max_groups}")
         self.max_groups = max_groups
-        self.entries: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
+        self.entries: OrderedDict[tuple, tuple[int, int]] = OrderedDict()  # key -> (first row, tokens)
+        self.tables: list = []  # OrtValues, one per vision output
+        self.capacity = 0  # token rows the tables hold
+        self.head = 0  # the row after the last claimed
 
     @staticmethod
     def key(frames: np.ndarray, size: tuple[int, int]) -> tuple:
         return hashlib.sha1(np.ascontiguousarray(frames)).digest(), frames.shape, size
 
-    def get(self, key: tuple) -> dict[str, np.ndarray] | None:
-        outputs = self.entries.get(key)
-        if outputs is not None:
+    def get(self, key: tuple) -> tuple[int, int] | None:
+        slot = self.entries.get(key)
+        if slot is not None:
             self.entries.move_to_end(key)
-        return outputs
+        return slot
 
-    def put(self, key: tuple, outputs: dict[str, np.ndarray]) -> None:
-        self.entries[key] = outputs
+    def put(self, key: tuple, slot: tuple[int, int]) -> None:
+        self.entries[key] = slot
         self.entries.move_to_end(key)
         while len(self.entries) > self.max_groups:
             self.entries.popitem(last=False)
+
+    def claim(self, rows: int, keep: list[tuple[int, int]]) -> int | None:
+        """The first of `rows` consecutive rows for new groups, the groups on them dropped; None
+        when they would overwrite a slot of `keep` (the groups the call reads from the store)."""
+        start = self.head if self.head + rows <= self.capacity else 0
+        end = start + rows
+        if end > self.capacity or any(row < end and start < row + n for row, n in keep):
+            return None
+        for key, (row, n) in list(self.entries.items()):
+            if row < end and start < row + n:
+                del self.entries[key]
+        self.head = end
+        return start
+
+    def reset(self, tables: list, capacity: int) -> None:
+        """Empty, on new tables of `capacity` rows."""
+        self.entries.clear()
+        self.tables, self.capacity, self.head = tables, capacity, 0
 
 
 @dataclass
@@ -181,7 +211,7 @@ class Engine:
     """An ONNX artifact's vision encoder, text decoder and LM head, with the vision-group cache."""
 
     def __init__(self, artifact_dir: str | Path, device: str = "cpu", gpu_mem_gb: float | None = None,
-                 cache_groups: int = 128, hf: str | None = None, cuda_graph: bool = True):
+                 cache_groups: int = CACHE_GROUPS, hf: str | None = None, cuda_graph: bool = True):
         self.model = runtime_model.load(artifact_dir, hf=hf)  # checks the manifest's hashes
         providers = execution_providers(device, gpu_mem_gb)
         self.gpu_mem_gb = gpu_mem_gb
@@ -189,6 +219,9 @@ class Engine:
         check_gpu_memory(gpu_mem_gb, self.weight_bytes)
         self.vision = load_vision_encoder(self.model.path / VISION_NAME, self.model.family_name, providers)
         self.decoder = TextDecoder(self.model.path, providers, cuda_graph=cuda_graph)
+        if self.vision.output_type != self.decoder.dtype:
+            raise InputError(f"{self.model.path}: the vision graph gives {np.dtype(self.vision.output_type).name}, "
+                             f"the decoder takes {np.dtype(self.decoder.dtype).name}")
         self.cache = VisionCache(cache_groups)
         self.groups_encoded = 0  # vision-graph batch rows run so far (cache misses)
         self.eos_ids = eos_token_ids(self.model)
@@ -204,56 +237,84 @@ class Engine:
         return ids
 
     # -- vision -------------------------------------------------------------------------------------
-    def visual(self, prompts: list[Prompt], timer: StageTimer) -> list[dict[str, np.ndarray]]:
-        """Per prompt, each output of the family's vision graph with groups and tokens merged in
-        the processor's order: `features` (N, out), and for Qwen3-VL `deepstack` (taps, N, out)."""
+    def visual(self, prompts: list[Prompt], timer: StageTimer) -> list[VisualRows]:
+        """Per prompt, where its visual tokens' features (and DeepStack taps) are, in the
+        processor's order of groups and tokens."""
         patch = self.model.vision.patch_size
         return self.encode_frames([[(clip.frames, (h * patch, w * patch))
                                     for clip, (_, h, w) in zip(p.clips, p.arrays["video_grid_thw"].tolist())]
                                    for p in prompts], timer)
 
     def encode_frames(self, requests: list[list[tuple[np.ndarray, tuple[int, int]]]], timer: StageTimer
-                      ) -> list[dict[str, np.ndarray]]:
+                      ) -> list[VisualRows]:
         """`visual` for any frames: per request, its (frames (T, H, W, 3) uint8, target (height,
-        width)) entries' vision outputs, merged in order. An entry of one frame is an image (the
-        frame fills its temporal patch, as HF's image processor does). Cached groups are not
-        re-encoded; all new groups of one target size run as one batch."""
+        width)) entries' visual rows, in order. An entry of one frame is an image (the frame fills
+        its temporal patch, as HF's image processor does). Cached groups are not re-encoded; all
+        new groups of one target size run as one batch, written into the store's rows."""
         pp = self.model.vision
-        tp, patch = pp.temporal_patch_size, pp.patch_size
-        have: dict[tuple, dict[str, np.ndarray]] = {}
-        missing: dict[tuple[int, int], dict[tuple, np.ndarray]] = {}  # size -> key -> frames
+        tp, patch, merge = pp.temporal_patch_size, pp.patch_size, self.vision.merge
         pool = _workers()
         with timer("preprocess"):
             entries = [[(frames[start:start + tp], size) for frames, size in request
                         for start in range(0, len(frames), tp)] for request in requests]
             plans = [list(pool.map(lambda entry: VisionCache.key(*entry), request)) for request in entries]
-            for request, keys in zip(entries, plans):
-                for (group, size), key in zip(request, keys):
-                    if key not in have:
-                        found = self.cache.get(key)
-                        if found is not None:
-                            have[key] = found
-                        else:  # a group repeated within this call is encoded once
-                            missing.setdefault(size, {})[key] = group
-            batches = []
-            for (height, width), groups in missing.items():
+            groups = {key: entry for request, keys in zip(entries, plans) for entry, key in zip(request, keys)}
+            tokens = {key: (size[0] // patch) * (size[1] // patch) // merge**2 for key, (_, size) in groups.items()}
+            if not self.cache.tables or sum(tokens.values()) > self.cache.capacity:
+                self._new_store(sum(tokens.values()), max(tokens.values(), default=1))
+            have = {key: slot for key in groups if (slot := self.cache.get(key)) is not None}
+            new = [key for key in groups if key not in have]  # a group repeated within this call is encoded once
+            start = self.cache.claim(sum(tokens[key] for key in new), list(have.values()))
+            if start is None:  # the new rows would overwrite groups this call reads: encode all again
+                self.cache.reset(self.cache.tables, self.cache.capacity)
+                have, new = {}, list(groups)
+                start = self.cache.claim(sum(tokens.values()), [])
+            by_size: dict[tuple[int, int], list[tuple]] = {}
+            for key in new:
+                by_size.setdefault(groups[key][1], []).append(key)
+            batches, row = [], start
+            for (height, width), keys in by_size.items():
                 h, w = height // patch, width // patch
-                patches = np.empty((len(groups), h * w, pp.patch_dim), np.float32)
-                list(pool.map(lambda row, frames, size=(height, width): preprocess_video(frames, size, pp, out=row),
-                              patches, groups.values()))
-                batches.append((list(groups), patches, h, w))
+                patches = np.empty((len(keys), h * w, pp.patch_dim), np.float32)
+                list(pool.map(lambda out, key, size=(height, width):
+                              preprocess_video(groups[key][0], size, pp, out=out), patches, keys))
+                batches.append((patches, h, w, row))
+                for key in keys:
+                    have[key] = (row, tokens[key])
+                    row += tokens[key]
         with timer("vision"):
-            for keys, patches, h, w in batches:
-                outputs = self.vision.run_groups(patches, h, w)
-                self.groups_encoded += len(keys)
-                for g, key in enumerate(keys):
-                    # views, not copies: a batch's output stays in memory while the cache holds
-                    # any of its groups (at most the cache's size in batches of groups)
-                    have[key] = {name: out[(slice(None),) * axis + (g,)]
-                                 for out, (name, axis, _) in zip(outputs, self.vision.outputs)}
-                    self.cache.put(key, have[key])
-        return [{name: np.concatenate([have[key][name] for key in keys], axis=axis)
-                 for name, axis, _ in self.vision.outputs} for keys in plans]
+            for patches, h, w, first in batches:
+                self.vision.run_into(patches, h, w, self.cache.tables, first)
+                self.groups_encoded += len(patches)
+            for key in new:
+                self.cache.put(key, have[key])
+        return [self._rows([have[key] for key in keys]) for keys in plans]
+
+    def _new_store(self, rows: int, tokens_per_group: int) -> None:
+        """Tables for at least `rows` token rows and room for the cache's `max_groups` groups of
+        `tokens_per_group` tokens, on the vision session's device (the old ones freed first)."""
+        import onnxruntime as ort
+
+        capacity = max(rows, self.cache.max_groups * tokens_per_group, 1)
+        self.cache.reset([], 0)
+        tables = [ort.OrtValue.ortvalue_from_shape_and_type([capacity * self.vision.rows_per_token(k),
+                                                             self.vision.out_hidden], self.vision.output_type,
+                                                            *self.vision.device)
+                  for k in range(len(self.vision.outputs))]
+        self.cache.reset(tables, capacity)
+
+    def _rows(self, slots: list[tuple[int, int]]) -> VisualRows:
+        """The visual rows of groups at `slots` ((first row, tokens) each), in order. A DeepStack
+        group's block holds its taps one after another: tap i, token t at taps * row + i * tokens + t."""
+        features = np.concatenate([np.arange(row, row + n) for row, n in slots]) if slots else np.zeros(0, np.int64)
+        names = [name for name, _ in self.vision.outputs]
+        if "deepstack" not in names:
+            return VisualRows(self.cache.tables[0], features)
+        k = names.index("deepstack")
+        taps = self.vision.rows_per_token(k)
+        tap_rows = np.concatenate([taps * row + np.arange(taps)[:, None] * n + np.arange(n) for row, n in slots],
+                                  axis=1) if slots else np.zeros((taps, 0), np.int64)
+        return VisualRows(self.cache.tables[0], features, self.cache.tables[k], tap_rows)
 
     # -- decoder ------------------------------------------------------------------------------------
     def check_memory(self, rows: int, tokens: int) -> None:
@@ -261,13 +322,11 @@ class Engine:
         check_gpu_memory(self.gpu_mem_gb, self.weight_bytes, self.decoder.kv_cache_bytes(rows, tokens),
                          f" for {rows} x {tokens} tokens")
 
-    def prefill(self, prompts: list[Prompt], visual: list[dict[str, np.ndarray]], capacity: int):
+    def prefill(self, prompts: list[Prompt], visual: list[VisualRows], capacity: int):
         """Prompts of one length as one batch, from an empty cache with room for `capacity` tokens:
         the (B, S, hidden) hidden states as an OrtValue on the device."""
         ids = np.concatenate([p.arrays["input_ids"] for p in prompts])
-        features = np.concatenate([v["features"] for v in visual])
-        taps = np.concatenate([v["deepstack"] for v in visual], axis=1) if "deepstack" in visual[0] else ()
-        embeds, deepstack = self.decoder.multimodal_embeds(ids, self.model.video_token_id, features, taps)
+        embeds, deepstack = self.decoder.multimodal_embeds(ids, self.model.video_token_id, VisualRows.join(visual))
         cos, sin = self.decoder.cos_sin(np.concatenate([p.arrays["position_ids"] for p in prompts], axis=1))
         return self.decoder.prefill(embeds, cos, sin, deepstack, capacity=capacity, on_device=True)
 

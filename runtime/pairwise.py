@@ -51,6 +51,7 @@ import numpy as np
 
 from edgejudge.errors import InputError
 from edgejudge.runtime.answers import ParsedAnswer, after_thinking, parse_answer
+from edgejudge.runtime.decoder import VisualRows
 from edgejudge.runtime.engine import Engine, StageTimer, eos_token_ids
 from edgejudge.runtime.model import Model, image_prompt_inputs
 from edgejudge.runtime.preprocess import smart_resize
@@ -228,11 +229,11 @@ class CachedSession:
         new = conversation.images[len(self.features):]
         if new:
             visual = engine.encode_frames([[(image[None], image.shape[:2])] for image in new], timer)
-            self.features += [v["features"] for v in visual]
+            self.features += [decoder.visual_arrays(rows)[0] for rows in visual]
         with timer("prefill"):
             image_tokens = ids == image_token_id
             features = self._features(int(image_tokens[:keep].sum()), int(image_tokens[keep:].sum()))
-            embeds, _ = decoder.multimodal_embeds(ids[None, keep:], image_token_id, features)
+            embeds, _ = decoder.multimodal_embeds(ids[None, keep:], image_token_id, VisualRows.of(features))
             cos, sin = decoder.cos_sin(arrays["position_ids"][:, :, keep:])
             if keep:
                 decoder.truncate(keep)

@@ -2,7 +2,7 @@
 
 The graph (written by `edgejudge.export.qwen3_vl`) takes `patches` (G, S, patch_dim),
 `pos_embeds` (S, hidden), `cos`, `sin` (S, head_dim) and returns `features` (G, S/4, out) and
-`deepstack` (len(indexes), G, S/4, out). What depends only on the grid (h, w) is built here from
+`deepstack` (G, len(indexes), S/4, out). What depends only on the grid (h, w) is built here from
 the `.npz` next to the graph, following HF 5.17's computation step for step in float32:
 
 - `pos_embeds`: the learned (side x side) table resampled to (h, w) with bilinear taps,
@@ -101,8 +101,9 @@ class GroupedVisionGraph:
     families' encoders. A family supplies the per-grid tables its graph takes besides `patches`
     (`_grid_tables`), cached per (h, w) here.
 
-    Outputs keep the layout the graph declares: each has a `groups` axis, followed by the tokens
-    of a group and the hidden size; `encode` merges groups and tokens into the processor's order.
+    Every output puts the groups first: (groups, *lead, tokens_per_group, hidden), lead being
+    Qwen3-VL's DeepStack taps. A run of consecutive groups is then one contiguous block of each
+    output, which `run_into` writes straight into the engine's store of visual rows on the device.
     """
 
     def __init__(self, onnx_path: str | Path, providers=("CPUExecutionProvider",), max_groups: int | None = None):
@@ -114,18 +115,30 @@ class GroupedVisionGraph:
             self.tables = {k: data[k] for k in data.files}
         self.session = open_session(self.path, providers)
         self.run_options = release_after_runs(providers)
-        self.outputs = [(o.name, o.shape.index("groups"), o.shape[: o.shape.index("groups")])
-                        for o in self.session.get_outputs()]
+        outputs = self.session.get_outputs()
+        if any(o.shape[0] != "groups" or o.shape[-2] != "tokens_per_group" for o in outputs):
+            raise InputError(f"{self.path}: a vision graph whose outputs do not put the groups first "
+                             "(exported by an older edgejudge): export the artifact again")
+        # (name, leading dims between groups and tokens): each group's block is lead x tokens rows
+        self.outputs = [(o.name, tuple(o.shape[1:-2])) for o in outputs]
         # fp16 graphs take fp16 patches and position embeddings (HF casts to the weights' dtype)
         # but float32 rotary tables and window bias: each input is cast to the graph's own type
         self.input_types = {i.name: _numpy_type(i.type) for i in self.session.get_inputs()}
-        self.output_type = _numpy_type(self.session.get_outputs()[0].type)
+        self.output_type = _numpy_type(outputs[0].type)
         self.inv_freq = self.tables["inv_freq"].astype(np.float32)
         self.merge = int(self.tables["spatial_merge_size"])
         self.patch_dim = int(self.tables["patch_dim"])
         self.out_hidden = int(self.tables["out_hidden_size"])
         self.max_groups = max_groups
         self._grid_cache: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+        if self.session.get_providers()[0] == "CUDAExecutionProvider":
+            self.device = "cuda", int(self.session.get_provider_options()["CUDAExecutionProvider"]["device_id"])
+        else:
+            self.device = "cpu", 0
+
+    def rows_per_token(self, output: int) -> int:
+        """Rows of `out_hidden` values one token takes in output `output` (its leading dims)."""
+        return int(np.prod(self.outputs[output][1], dtype=np.int64))
 
     def _grid_tables(self, h: int, w: int) -> dict[str, np.ndarray]:
         raise NotImplementedError
@@ -140,7 +153,9 @@ class GroupedVisionGraph:
                                      for name, table in self._grid_tables(*key).items()}
         return tuple(self._grid_cache[key].values())
 
-    def run_groups(self, patches: np.ndarray, h: int, w: int) -> list[np.ndarray]:
+    def _runs(self, patches: np.ndarray, h: int, w: int):
+        """(first group, feed, run options) of each run over (G, h*w, patch_dim) groups: at most
+        `max_groups` (default PATCHES_PER_RUN rows) a run; the last run hands the arena back."""
         patches = np.ascontiguousarray(patches, dtype=self.input_types["patches"])
         if patches.ndim != 3 or patches.shape[1] != h * w or patches.shape[2] != self.patch_dim:
             raise InputError(f"patches of shape {patches.shape} do not fit a {h}x{w} grid of {self.patch_dim}-value patches")
@@ -148,13 +163,34 @@ class GroupedVisionGraph:
         tables = self._grid_cache[(int(h), int(w))]
         step = self.max_groups or max(1, PATCHES_PER_RUN // (h * w))
         starts = range(0, len(patches), step)
-        runs = [self.session.run(None, {"patches": patches[i:i + step], **tables},
-                                 self.run_options if i == starts[-1] else None) for i in starts]
-        return [np.concatenate([run[k] for run in runs], axis=axis) for k, (_, axis, _) in enumerate(self.outputs)]
+        return [(i, {"patches": patches[i:i + step], **tables}, self.run_options if i == starts[-1] else None)
+                for i in starts]
+
+    def run_groups(self, patches: np.ndarray, h: int, w: int) -> list[np.ndarray]:
+        """Each output for (G, h*w, patch_dim) groups of one grid, as numpy in the graph's layout."""
+        runs = [self.session.run(None, feed, options) for _, feed, options in self._runs(patches, h, w)]
+        return [np.concatenate([run[k] for run in runs]) for k in range(len(self.outputs))]
+
+    def run_into(self, patches: np.ndarray, h: int, w: int, tables: list, row: int) -> None:
+        """Run (G, h*w, patch_dim) groups of one grid and write each output where `tables` (per
+        output, an OrtValue of (rows x rows_per_token, out_hidden) on this session's device) hold
+        them: the G groups' tokens on rows row .. row + G*tokens, as in the graph's layout."""
+        tokens = h * w // self.merge**2
+        itemsize = np.dtype(self.output_type).itemsize
+        for first, feed, options in self._runs(patches, h, w):
+            count = len(feed["patches"])
+            binding = self.session.io_binding()
+            for name, value in feed.items():
+                binding.bind_cpu_input(name, value)
+            for k, ((name, lead), table) in enumerate(zip(self.outputs, tables)):
+                offset = (row + first * tokens) * self.rows_per_token(k) * self.out_hidden * itemsize
+                binding.bind_output(name, *self.device, self.output_type, [count, *lead, tokens, self.out_hidden],
+                                    table.data_ptr() + offset)
+            self.session.run_with_iobinding(binding, options)
 
     def _encode(self, pixel_values_videos: np.ndarray, video_grid_thw: np.ndarray) -> list[np.ndarray]:
         """The processor's (N, patch_dim) rows -> each output with groups and tokens merged into
-        the N/4 merged tokens, in HF's row order (a group's rows are contiguous there)."""
+        the N/4 merged tokens ((*lead, N/4, out)), in HF's row order (a group's rows are contiguous there)."""
         pixels = np.asarray(pixel_values_videos, dtype=np.float32)
         grids = np.asarray(video_grid_thw, dtype=np.int64).reshape(-1, 3)
         total = int(np.prod(grids, axis=1).sum())
@@ -162,15 +198,16 @@ class GroupedVisionGraph:
             raise InputError(f"pixel_values_videos of shape {pixels.shape} does not match video_grid_thw "
                              f"({total} patches of {self.patch_dim} values)")
         per_output: list[list[np.ndarray]] = [[np.zeros((*lead, 0, self.out_hidden), self.output_type)]
-                                              for _, _, lead in self.outputs]
+                                              for _, lead in self.outputs]
         start = 0
         for t, h, w in grids.tolist():
             n = t * h * w
-            for parts, out, (_, axis, _) in zip(per_output, self.run_groups(
-                    pixels[start:start + n].reshape(t, h * w, self.patch_dim), h, w), self.outputs):
-                parts.append(out.reshape(*out.shape[:axis], -1, self.out_hidden))
+            for parts, out in zip(per_output, self.run_groups(pixels[start:start + n].reshape(t, h * w, self.patch_dim),
+                                                              h, w)):
+                # (G, *lead, tokens, out) -> (*lead, G * tokens, out)
+                parts.append(np.moveaxis(out, 0, -3).reshape(*out.shape[1:-2], -1, self.out_hidden))
             start += n
-        return [np.concatenate(parts, axis=axis) for parts, (_, axis, _) in zip(per_output, self.outputs)]
+        return [np.concatenate(parts, axis=-2) for parts in per_output]
 
 
 class VisionEncoder(GroupedVisionGraph):
@@ -188,7 +225,7 @@ class VisionEncoder(GroupedVisionGraph):
                 "cos": cos, "sin": sin}
 
     def encode_groups(self, patches: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-        """Run (G, h*w, patch_dim) groups of one grid: features (G, h*w/4, out), deepstack (D, G, h*w/4, out)."""
+        """Run (G, h*w, patch_dim) groups of one grid: features (G, h*w/4, out), deepstack (G, D, h*w/4, out)."""
         features, deepstack = self.run_groups(patches, h, w)
         return features, deepstack
 

@@ -22,7 +22,7 @@ from edgejudge.export.onnx import FAMILIES
 from edgejudge.export.onnx_decoder import export_decoder_onnx
 from edgejudge.export.onnx_io import IR_VERSION, OPSET
 from edgejudge.runtime import model as runtime_model
-from edgejudge.runtime.decoder import TextDecoder, decode_position_ids, mrope_cos_sin
+from edgejudge.runtime.decoder import TextDecoder, VisualRows, decode_position_ids, mrope_cos_sin
 from edgejudge.runtime.video import read_video
 from edgejudge.runtime.vision import load_vision_encoder
 
@@ -68,7 +68,7 @@ def _onnx_prefill(decoder: TextDecoder, vision, arrays, video_token_id, visual=N
     `options`: prefill's capacity / on_device."""
     features, taps = visual if visual is not None else vision.encode(arrays["pixel_values_videos"],
                                                                      arrays["video_grid_thw"])
-    embeds, deepstack = decoder.multimodal_embeds(arrays["input_ids"], video_token_id, features, taps)
+    embeds, deepstack = decoder.multimodal_embeds(arrays["input_ids"], video_token_id, VisualRows.of(features, taps))
     cos, sin = decoder.cos_sin(arrays["position_ids"])
     return decoder.prefill(embeds, cos, sin, deepstack, **options)
 
@@ -105,6 +105,42 @@ def test_graph_uses_fused_ops(exported, tiny):
     assert {n.op_type for n in rows.graph.node} == {"Gather"} and len(rows.graph.node) == 2 * tc.num_hidden_layers
     assert [i.name for i in rows.graph.input] == ["rows"] + [
         f"{kind}_{i}" for i in range(tc.num_hidden_layers) for kind in ("key", "value")]
+
+
+def test_splice_gathers_hf_inputs(exported, tiny):
+    """splice.onnx builds HF's inputs_embeds (masked_scatter of the features over the token
+    embeddings) and the DeepStack input (taps at the vision positions, zeros elsewhere) bit for
+    bit, from tables whose rows come in any order; it is made of Gather and Where only."""
+    out, decoder, _ = exported
+    assert {n.op_type for n in onnx.load(str(out / "splice.onnx")).graph.node} <= {"Gather", "Where", "Unsqueeze"}
+    rng = np.random.default_rng(5)
+    vid = int(tiny[1].config.video_token_id)
+    ids = rng.integers(0, 100, (2, 12))
+    ids[0, 3:7] = ids[1, 2:6] = vid
+    hidden, taps = decoder.hidden_size, decoder.num_deepstack
+    features = rng.standard_normal((8, hidden)).astype(np.float32)
+    tap_values = rng.standard_normal((taps, 8, hidden)).astype(np.float32)
+    order = rng.permutation(8)  # the table holds row k of the features at order[k], with spare rows
+    table = np.zeros((10, hidden), np.float32)
+    table[order] = features
+    tap_table = np.zeros((taps, 10, hidden), np.float32)
+    tap_table[:, order] = tap_values
+    visual = VisualRows(table, order, tap_table.reshape(taps * 10, hidden) if taps else None,
+                        (np.arange(taps)[:, None] * 10 + order) if taps else None)
+    embeds, deepstack = decoder.multimodal_embeds(ids, vid, visual)
+    with torch.no_grad():
+        reference = tiny[1].model.language_model.embed_tokens(torch.from_numpy(ids)).numpy()
+    mask = ids == vid
+    reference[mask] = features
+    assert np.array_equal(embeds.numpy(), reference)
+    if taps:
+        expected = np.zeros((taps, *ids.shape, hidden), np.float32)
+        expected[:, mask] = tap_values
+        assert np.array_equal(deepstack.numpy(), expected)
+    else:
+        assert deepstack is None
+    with pytest.raises(InputError, match="8 vision tokens but 7 visual features"):
+        decoder.multimodal_embeds(ids, vid, VisualRows(table, order[:7]))
 
 
 def test_cos_sin_match_hf(tiny, arrays):

@@ -25,7 +25,8 @@ from edgejudge.export.fixtures import tiny_model_dir
 from edgejudge.export.onnx import export_onnx
 from edgejudge.export.verify import reference_scorer
 from edgejudge.runtime import model as runtime_model
-from edgejudge.runtime.engine import (StageTimer, cache_copies, check_gpu_memory, device_weight_bytes,
+from edgejudge.runtime.decoder import VisualRows
+from edgejudge.runtime.engine import (StageTimer, VisionCache, cache_copies, check_gpu_memory, device_weight_bytes,
                                       label_positions, mean_nll)
 from edgejudge.runtime.sessions import execution_providers
 from edgejudge.runtime.video import read_video
@@ -72,7 +73,8 @@ def own_forward_scores(judge: Judge, clip, labels) -> list[float]:
     for label in labels:
         label_ids = engine.model.prompter.encode(label)
         ids, positions = label_positions(arrays, label_ids)
-        embeds, deepstack = engine.decoder.multimodal_embeds(ids, engine.model.video_token_id, features, taps)
+        embeds, deepstack = engine.decoder.multimodal_embeds(ids, engine.model.video_token_id,
+                                                             VisualRows.of(features, taps))
         hidden = engine.decoder.prefill(embeds, *engine.decoder.cos_sin(positions), deepstack)
         scores.append(mean_nll(engine.decoder.logits(hidden[:, arrays["input_ids"].shape[1] - 1:-1])[0], label_ids))
     return scores
@@ -97,7 +99,7 @@ def test_batched_labels_equal_own_forward(judge, monkeypatch, labels):
     place for the only one, or not extended at all), the scores equal each label's own forward."""
     engine = judge.engine
     clips = [read_video(frames(1)), read_video(frames(2))]
-    prefills = spy(monkeypatch, engine.decoder, "prefill", lambda embeds, *_: embeds.shape[0])
+    prefills = spy(monkeypatch, engine.decoder, "prefill", lambda embeds, *_: embeds.shape()[0])
     steps = spy(monkeypatch, engine.decoder, "step", lambda embeds, *_: embeds.shape[:2])
     repeats = spy(monkeypatch, engine.decoder, "repeat_cache", lambda repeats: repeats)
     scores = engine.score_labels([engine.prompt([c], TEXT) for c in clips], labels)
@@ -135,7 +137,7 @@ def test_check_matches_hf(judge, hf):
 
 def test_views_of_different_lengths(judge, monkeypatch):
     views = {"right": frames(5, count=6), "left": frames(6, count=4)}
-    prefills = spy(monkeypatch, judge.engine.decoder, "prefill", lambda embeds, *_: embeds.shape[0])
+    prefills = spy(monkeypatch, judge.engine.decoder, "prefill", lambda embeds, *_: embeds.shape()[0])
     decision = judge.check(INSTRUCTION, views, sample="none")
     assert prefills == [1, 1]
     monkeypatch.undo()
@@ -149,7 +151,7 @@ def test_vision_cache_sliding_window(artifact, monkeypatch):
     new group per view, and gives the uncached judge's features and scores bit for bit."""
     cached, uncached = Judge.load(artifact, cache_groups=64), Judge.load(artifact, cache_groups=0)
     stream = {"right": frames(7, count=14), "left": frames(8, count=14)}
-    rows = spy(monkeypatch, cached.engine.vision, "run_groups", lambda patches, *_: patches.shape[0])
+    rows = spy(monkeypatch, cached.engine.vision, "run_into", lambda patches, *_: patches.shape[0])
     for step, start in enumerate(range(0, 7, 2)):
         window = {name: f[start:start + 8] for name, f in stream.items()}
         a = cached.check(INSTRUCTION, window, sample="none")
@@ -161,11 +163,12 @@ def test_vision_cache_sliding_window(artifact, monkeypatch):
     # the cached features are what the whole clip's encoding gives, bit for bit
     engine = cached.engine
     clip = read_video(stream["left"][6:14])
-    visual = engine.visual([engine.prompt([clip], TEXT)], StageTimer())[0]
+    cached_features, cached_taps = engine.decoder.visual_arrays(engine.visual([engine.prompt([clip], TEXT)],
+                                                                              StageTimer())[0])
     assert len(rows) == 4  # all from the cache: no new vision run
     arrays = runtime_model.build_inputs(engine.model, [clip], TEXT)
     features, taps = engine.vision.encode(arrays["pixel_values_videos"], arrays["video_grid_thw"])
-    assert np.array_equal(visual["features"], features) and np.array_equal(visual["deepstack"], np.stack(taps))
+    assert np.array_equal(cached_features, features) and np.array_equal(cached_taps, np.stack(taps))
 
 
 def test_vision_cache_is_bounded(artifact):
@@ -174,6 +177,36 @@ def test_vision_cache_is_bounded(artifact):
     full = Judge.load(artifact, cache_groups=0).check(INSTRUCTION, views, sample="none")
     assert small.check(INSTRUCTION, views, sample="none").views == full.views  # 8 groups needed, 3 kept
     assert len(small.engine.cache.entries) == 3
+
+
+def test_vision_store_ring_claims():
+    """New groups take the rows after the last claimed, from row 0 at the end of the store, and
+    drop what was there; rows a call reads are never given to its new groups."""
+    cache = VisionCache(max_groups=8)
+    cache.reset([], 10)
+    assert cache.claim(4, []) == 0
+    cache.put("a", (0, 4))
+    assert cache.claim(4, [(0, 4)]) == 4
+    cache.put("b", (4, 4))
+    assert cache.claim(4, [(0, 4)]) is None  # 8 + 4 > 10: from row 0, over "a", which the call reads
+    assert cache.claim(4, [(4, 4)]) == 0 and list(cache.entries) == ["b"]  # "a" overwritten
+    assert cache.claim(11, []) is None  # more than the store holds
+
+
+def test_vision_store_wraps_onto_read_rows(artifact, monkeypatch):
+    """A call whose new group would overwrite a group it reads from the store encodes all its
+    groups again: its features are still the full recomputation's, bit for bit."""
+    engine = Judge.load(artifact, cache_groups=2).engine  # a store of 2 groups
+    first, other = frames(11, count=4), frames(12, count=2)
+    rows = spy(monkeypatch, engine.vision, "run_into", lambda patches, *_: patches.shape[0])
+    engine.visual([engine.prompt([read_video(first)], TEXT)], StageTimer())  # groups A, B on rows 0, 1
+    clip = read_video(np.concatenate([other, first[:2]]))  # groups C (new), A (cached on row 0)
+    visual = engine.visual([engine.prompt([clip], TEXT)], StageTimer())[0]
+    assert rows == [2, 2]  # C's rows would have been A's: both encoded again
+    arrays = runtime_model.build_inputs(engine.model, [clip], TEXT)
+    features, taps = engine.vision.encode(arrays["pixel_values_videos"], arrays["video_grid_thw"])
+    cached_features, cached_taps = engine.decoder.visual_arrays(visual)
+    assert np.array_equal(cached_features, features) and np.array_equal(cached_taps, np.stack(taps))
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +326,7 @@ def test_gpu_memory_cap(artifact, monkeypatch):
     width = max(len(ids) for ids in label_ids) - 1
     rows = 2 * (1 + cache_copies(label_ids))  # the prefill's cache and its copies
     kv = decoder.kv_cache_bytes(rows, prompts[0].length + width)
-    runs = spy(monkeypatch, engine.vision, "run_groups", lambda *_: 1)
+    runs = spy(monkeypatch, engine.vision, "run_into", lambda *_: 1)
     engine.gpu_mem_gb = (weights + kv // 2) / 2**30
     with pytest.raises(InputError, match=rf"estimated {(weights + kv) / 2**30:.3g} GiB on the GPU .* KV cache "
                                          rf"{kv / 2**30:.3g} GiB for {rows} x {prompts[0].length + width} tokens\) is over"):

@@ -61,7 +61,7 @@ def test_label_nll_matches_hf_with_unmerged_adapter(exported, precision):
     artifact = tmp / precision
     manifest = verify_artifact(artifact)
     assert (manifest.format, manifest.precision, manifest.judge_spec) == ("onnx", precision, SPEC.name)
-    assert {"vision.onnx", "decoder.onnx", "lm_head.onnx", "cache_rows.onnx", "embed.npy",
+    assert {"vision.onnx", "decoder.onnx", "lm_head.onnx", "cache_rows.onnx", "splice.onnx", "embed.npy",
             "config.json"} <= set(manifest.files)
     embeds = onnx.load(str(artifact / "decoder.onnx"), load_external_data=False).graph.input[0]
     assert embeds.type.tensor_type.elem_type == {"fp32": onnx.TensorProto.FLOAT, "fp16": onnx.TensorProto.FLOAT16}[precision]

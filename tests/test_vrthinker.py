@@ -34,6 +34,7 @@ from edgejudge.export.fixtures import tiny_model_dir
 from edgejudge.export.merge import load_base
 from edgejudge.export.onnx import export_onnx
 from edgejudge.runtime import model as runtime_model
+from edgejudge.runtime.decoder import shape_of
 from edgejudge.runtime.pairwise import (CachedSession, Conversation, FrameCall, Settings, TextStream, compare,
                                         parse_frame_call)
 from edgejudge.runtime.preprocess import preprocess_video, smart_resize
@@ -205,7 +206,7 @@ def runs(judge, hf, monkeypatch_module):
         def wrapped(embeds, *args, **kwargs):
             start = decoder.past_length if run is step else 0
             hidden = run(embeds, *args, **kwargs)
-            if embeds.shape[1] > 1:
+            if shape_of(embeds)[1] > 1:
                 appended.append((start, decoder.logits(hidden)[0]))
             return hidden
         return wrapped
@@ -392,7 +393,7 @@ def test_cache_capacity_is_checked_up_front(judge, monkeypatch):
     before any vision or decoder run."""
     engine = judge.engine
     runs = []
-    monkeypatch.setattr(engine.vision, "run_groups", lambda *a: runs.append(1))
+    monkeypatch.setattr(engine.vision, "run_into", lambda *a: runs.append(1))
     monkeypatch.setattr(engine, "gpu_mem_gb", engine.weight_bytes / 2**30 * 1.0001)
     with pytest.raises(InputError, match=r"KV cache .* for 1 x \d+ tokens\) is over"):
         judge.compare(*pair(4), caption=CAPTION)
