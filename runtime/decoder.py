@@ -48,7 +48,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from edgejudge.errors import InputError
-from edgejudge.runtime.sessions import open_session, provider_name, release_after_runs
+from edgejudge.runtime.sessions import open_session, provider_name, release_after_runs, session_device
 
 DECODER_NAME, LM_HEAD_NAME, EMBED_NAME, SIDECAR_NAME = "decoder.onnx", "lm_head.onnx", "embed.npy", "decoder.npz"
 CACHE_ROWS_NAME, SPLICE_NAME = "cache_rows.onnx", "splice.onnx"
@@ -230,12 +230,7 @@ class TextDecoder:
             open_session(self.folder / name, chosen)
             for name, chosen in ((DECODER_NAME, decoder_providers), (LM_HEAD_NAME, providers),
                                  (CACHE_ROWS_NAME, providers), (SPLICE_NAME, providers)))
-        # where the cache and hidden states live: the device of the provider ORT actually runs first
-        if self.session.get_providers()[0] == "CUDAExecutionProvider":
-            self.device = "cuda"
-            self.device_id = int(self.session.get_provider_options()["CUDAExecutionProvider"]["device_id"])
-        else:
-            self.device, self.device_id = "cpu", 0
+        self.device, self.device_id = session_device(self.session)  # where the cache and hidden states live
         self.dtype = np.float16 if self.session.get_inputs()[0].type == "tensor(float16)" else np.float32
         self.head_dtype = np.float16 if self.head.get_inputs()[0].type == "tensor(float16)" else np.float32
         self.past: list[tuple[ort.OrtValue, ort.OrtValue]] = []

@@ -1,10 +1,10 @@
 """ONNX Runtime sessions on the CPU or one CUDA device, under an optional GPU memory cap.
 
-Each session (vision, decoder, LM head, cache rows) has its own CUDA memory arena, capped at the
-cap (`gpu_mem_limit`) and grown by what a run asks (not to the next power of two, ORT's default,
-which can double a multi-GiB activation request). An arena keeps what its largest run took, so
-the vision session hands its free memory back to the device after each run
-(`release_after_runs`): its activations are not held while the decoder prefills.
+Each session (vision, decoder, LM head, cache rows, splice) has its own CUDA memory arena, capped
+at the cap (`gpu_mem_limit`) and grown by what a run asks (not to the next power of two, ORT's
+default, which can double a multi-GiB activation request). An arena keeps what its largest run
+took, so the vision and splice sessions hand their free memory back to the device after each run
+(`release_after_runs`): their intermediates are not held while the decoder prefills.
 
 One arena per device shared by all sessions (ORT's environment allocator,
 `session.use_env_allocators`) was the runtime's setting for one session on 2026-11-23; on the H100
@@ -56,6 +56,14 @@ def open_session(path: str | Path, providers) -> onnxruntime.InferenceSession:
     import onnxruntime as ort
 
     return ort.InferenceSession(str(path), providers=list(providers))
+
+
+def session_device(session: onnxruntime.InferenceSession) -> tuple[str, int]:
+    """("cuda", id) or ("cpu", 0): where a session's outputs and the buffers bound to it live, the
+    device of the provider ONNX Runtime actually runs first."""
+    if session.get_providers()[0] == "CUDAExecutionProvider":
+        return "cuda", int(session.get_provider_options()["CUDAExecutionProvider"]["device_id"])
+    return "cpu", 0
 
 
 def release_after_runs(providers) -> onnxruntime.RunOptions:

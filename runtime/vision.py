@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from edgejudge.errors import InputError
-from edgejudge.runtime.sessions import open_session, release_after_runs
+from edgejudge.runtime.sessions import open_session, release_after_runs, session_device
 
 
 # Patch rows per run of the graph when `max_groups` is not given: a run's activations grow with its
 # rows, and they are device memory until the call's last run hands the arena back. 8,192 rows:
-# W1's 128 groups of 196 patches in 4 runs, W3's 40 groups of 760 in 4.
+# W1's 64 groups of 196 patches in 2 runs, W3's 40 groups of 760 in 4.
 PATCHES_PER_RUN = 8192
 
 
@@ -131,10 +131,7 @@ class GroupedVisionGraph:
         self.out_hidden = int(self.tables["out_hidden_size"])
         self.max_groups = max_groups
         self._grid_cache: dict[tuple[int, int], dict[str, np.ndarray]] = {}
-        if self.session.get_providers()[0] == "CUDAExecutionProvider":
-            self.device = "cuda", int(self.session.get_provider_options()["CUDAExecutionProvider"]["device_id"])
-        else:
-            self.device = "cpu", 0
+        self.device = session_device(self.session)
 
     def rows_per_token(self, output: int) -> int:
         """Rows of `out_hidden` values one token takes in output `output` (its leading dims)."""
