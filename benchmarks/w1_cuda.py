@@ -7,8 +7,9 @@ calls it makes, with the GPU's used memory after each stage.
 - Calls: each engine / decoder / vision method below is wrapped by a clock (ONNX Runtime's runs
   return when the device is done, so host clocks around them hold the device time); p50 ms per
   call name over the timed runs, summed within a run.
-- Memory: NVML's used memory of the GPU minus the reading before the judge loaded, after loading
-  and after each stage of the first run, and the peak polled every 2 ms over the whole process.
+- Memory: NVML's used memory of the GPU minus the reading before the judge loaded, after each
+  session loads, after loading and after each stage of the first run, and the peak polled every
+  2 ms: over the whole process, within each run, and within each call of the first run.
 - `--keep-vision-arena`: the vision session keeps its arena's free memory after each call (ORT's
   default), for the comparison with `runtime.sessions.release_after_runs`; `--provider-option
   K=V` adds CUDA provider options.
@@ -25,12 +26,14 @@ import json
 import threading
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from edgejudge import Judge
 from edgejudge.bench import open_nvml
+from edgejudge.runtime import decoder as decoder_module
 from edgejudge.runtime import engine as engine_module
 from edgejudge.runtime import sessions
 from edgejudge.runtime import vision as vision_module
@@ -41,24 +44,30 @@ INSTRUCTION = "Pick the mug from the counter and place it in the sink."
 
 class Clock:
     """Wraps callables so each call adds its wall time to `ms[name]` (per run); while `trace` is a
-    list, each call also appends (name, device memory in use after it, GiB)."""
+    list, each call also appends (name, device memory in use after it, the most in use during it;
+    GiB). `window[0]`: the most in use since the innermost running call began (the poller raises it)."""
 
     def __init__(self, used):
         self.ms: dict[str, float] = defaultdict(float)
         self.used = used
         self.trace: list | None = None
+        self.window = [0]
 
     def wrap(self, owner, attribute: str, name: str) -> None:
         original = getattr(owner, attribute)
 
         def timed(*args, **kwargs):
-            start = time.perf_counter()
+            start, outer = time.perf_counter(), self.window[0]
+            self.window[0] = self.used()
             try:
                 return original(*args, **kwargs)
             finally:
                 self.ms[name] += (time.perf_counter() - start) * 1e3
+                after = self.used()
+                during = max(self.window[0], after)
+                self.window[0] = max(outer, during)  # the enclosing call saw this call's peak too
                 if self.trace is not None:
-                    self.trace.append((name, round(self.used() / GIB, 3)))
+                    self.trace.append((name, round(after / GIB, 3), round(during / GIB, 3)))
 
         setattr(owner, attribute, timed)
 
@@ -107,20 +116,31 @@ def main() -> None:
     nvml = open_nvml(args.device)
     used = nvml.used if nvml else (lambda: 0)  # a CPU smoke run has no device memory to read
     idle = used()
-    peak = [idle]
+    peak, run_peak, run_peaks = [idle], [idle], []
     done = threading.Event()
+    clock = Clock(lambda: used() - idle)
 
     def poll() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], used())
+            now = used()
+            peak[0] = max(peak[0], now)
+            clock.window[0] = max(clock.window[0], now - idle)
+            run_peak[0] = max(run_peak[0], now)
             time.sleep(0.002)
 
     threading.Thread(target=poll, daemon=True).start()
     memory: dict[str, float] = {}
+    sessions_loaded = []
+    for module in (decoder_module, vision_module):
+        def opened(path, providers, _open=module.open_session):
+            session = _open(path, providers)
+            sessions_loaded.append((Path(path).name, round((used() - idle) / GIB, 3)))
+            return session
+
+        module.open_session = opened
     judge = Judge.load(args.artifact, spec="robocasa-completion", device=args.device, gpu_mem_gb=args.gpu_mem_gb)
     memory["loaded"] = (used() - idle) / GIB
     engine = judge.engine
-    clock = Clock(lambda: used() - idle)
     clock.trace = []  # the first run's calls
     decoder, vision = engine.decoder, engine.vision
     for owner, attribute, name in (
@@ -150,7 +170,9 @@ def main() -> None:
     for run in range(args.runs + 3):
         engine.cache.entries.clear()
         clock.ms.clear()
+        run_peak[0] = used()
         decision = judge.check(INSTRUCTION, views, fps=20.0, sample="none")
+        run_peaks.append(round((max(run_peak[0], used()) - idle) / GIB, 3))
         if run == 0:
             first_run_trace, clock.trace = clock.trace, None
         if run >= 3:
@@ -163,8 +185,9 @@ def main() -> None:
         "artifact": args.artifact, "vision_arena_released": not args.keep_vision_arena, "gpu_mem_gb": args.gpu_mem_gb,
         "provider_options": args.provider_option, "patches_per_run": vision_module.PATCHES_PER_RUN,
         "p50_ms": {name: round(float(np.median(v)), 2) for name, v in sorted(samples.items())},
-        "memory_gib_after": {k: round(v, 3) for k, v in memory.items()},
-        "peak_gib": round((peak[0] - idle) / GIB, 3), "first_run_memory_trace": first_run_trace,
+        "memory_gib_after": {k: round(v, 3) for k, v in memory.items()}, "sessions_loaded_gib": sessions_loaded,
+        "peak_gib": round((peak[0] - idle) / GIB, 3), "peak_gib_per_run": run_peaks,
+        "first_run_memory_trace": first_run_trace,
         "prefill_rows": shape, "onnxruntime": ort.__version__, "kernels": kernels,
     }
     print(json.dumps(report))

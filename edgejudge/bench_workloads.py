@@ -150,13 +150,15 @@ class Setup:
     backend: str  # onnx (ONNX Runtime) | torch (edgejudge's torch backend, bnb artifact) | hf (the seed recipe)
     export: str = ""  # the artifact's precision (onnx, bnb), or the baseline's quantization
     weight_bits: float | None = None  # a quantized decoder linear weight's bits, scales included (None: float)
+    head_bits: float | None = None  # the ONNX LM head's, likewise (None: float)
 
 
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # 4-bit codes, an 8-bit absmax per 64, an fp32 scale per 256 absmax
 SETUPS: dict[str, Setup] = {s.name: s for s in (
     Setup("fp32", "edgejudge ONNX fp32", "onnx", "fp32"),
     Setup("fp16", "edgejudge ONNX fp16", "onnx", "fp16"),
-    Setup("int4", "edgejudge ONNX int4 (RTN, block 128)", "onnx", "int4", 4 + 16 / 128),
+    # the LM head at 8 bits (llama.cpp's Q4 files keep theirs at 6 or more): half the fp16 table
+    Setup("int4", "edgejudge ONNX int4 (RTN, block 128; int8 LM head)", "onnx", "int4", 4 + 16 / 128, 8 + 16 / 128),
     Setup("nf4", "edgejudge bnb nf4 (torch backend)", "torch", "nf4", NF4_BITS),
     Setup("hf", "HF + PEFT, SDPA (seed recipe)", "hf"),
     Setup("hf-nf4", "HF nf4 + PEFT (as the card loads it)", "hf", "nf4", NF4_BITS),
@@ -320,7 +322,7 @@ def device_weight_bytes(shape: dict, setup: Setup, float_bytes: int) -> float:
     vision = (shape["vision"] + shape["merger"]) * (NF4_BITS / 8 if setup.name == "hf-nf4" else float_bytes)
     other = (shape["vision_other"] + shape["decoder_other"]) * float_bytes
     if setup.backend == "onnx":
-        return linear + vision + other + shape["head"] * float_bytes
+        return linear + vision + other + shape["head"] * (setup.head_bits / 8 if setup.head_bits else float_bytes)
     tables = shape["embed"] + (0 if shape["tied"] else shape["head"])
     return linear + vision + other + tables * float_bytes + shape["lora"] * float_bytes
 
@@ -331,8 +333,9 @@ def memory_estimate(shape: dict, plan: dict, setup: Setup, workload: Workload, c
     tokens are what each backend holds at its peak: ONNX copies a prefilled view's cache once per
     label of several tokens when there are two or more (`runtime.engine.cache_copies`); the torch
     backend copies it once per label, and holds a rubric's shared prefix and two copies of the
-    answer rows; HF one sequence at a time. ONNX's cache buffers come from onnxruntime's Python-side
-    CUDA arena, which grows by powers of two: up to twice the cache is reserved. ONNX also keeps
+    answer rows; HF one sequence at a time. ONNX's cache buffers allocated ahead of a run come from
+    onnxruntime's Python-side CUDA arena, which grows by powers of two: up to twice the cache is
+    reserved (not for scoring whose prefill carries every label token). ONNX also keeps
     the vision outputs in a store on the device (in that arena too), sized for the cache's groups
     or the call's, and gathers the decoder's inputs from it (`splice.onnx`)."""
     from edgejudge.runtime.engine import CACHE_GROUPS
@@ -341,8 +344,9 @@ def memory_estimate(shape: dict, plan: dict, setup: Setup, workload: Workload, c
 
     float_bytes = 4 if setup.export == "fp32" or (setup.backend != "onnx" and not cuda) else 2
     text, vis = shape["text"], shape["vis"]
+    fed = sum(n > 1 for n in plan["labels"])
     if plan["labels"]:
-        width, fed = max(plan["labels"]), sum(n > 1 for n in plan["labels"])
+        width = max(plan["labels"])
         copies = len(plan["labels"]) if setup.backend == "torch" else (fed if fed > 1 else 0)
         rows, tokens = (plan["videos"] * (1 + copies), plan["prompt"] + width - 1) \
             if setup.backend != "hf" else (1, plan["prompt"] + width)
@@ -350,7 +354,10 @@ def memory_estimate(shape: dict, plan: dict, setup: Setup, workload: Workload, c
         rows, tokens = 1 + 2 * len(plan["suffixes"]), plan["prompt"] + workload.spec.max_new_tokens
     else:
         rows, tokens = 1, plan.get("cache_tokens", plan["prompt"] + workload.spec.max_new_tokens)
-    kv = cache_bytes(text["config"], rows, tokens, float_bytes) * (2 if setup.backend == "onnx" and cuda else 1)
+    # ONNX scoring whose prefill carries every label token has its cache allocated by the run, at
+    # its size; cache buffers allocated ahead (for tokens fed after) come from the power-of-two arena
+    arena_cache = setup.backend == "onnx" and cuda and not (plan["labels"] and fed <= 1)
+    kv = cache_bytes(text["config"], rows, tokens, float_bytes) * (2 if arena_cache else 1)
     prompt_rows = plan["videos"] if plan["labels"] and setup.backend != "hf" else 1
     groups, patches = plan["groups"], plan["patches_per_group"]
     if setup.backend == "onnx":
@@ -380,4 +387,5 @@ def decode_step_bytes(shape: dict, setup: Setup, context: int) -> float:
     """What one greedy step must read (fp16 / bf16 floats): the decoder's and the LM head's
     weights, and the KV cache."""
     linear = shape["decoder"] * (setup.weight_bits / 8 if setup.weight_bits else 2)
-    return linear + shape["head"] * 2 + context * kv_bytes_per_token(shape, 2)
+    head = shape["head"] * (setup.head_bits / 8 if setup.head_bits else 2)
+    return linear + head + context * kv_bytes_per_token(shape, 2)

@@ -226,10 +226,11 @@ class TextDecoder:
         providers = list(providers)
         self.cuda_graph = cuda_graph and provider_name(providers[0]) == "CUDAExecutionProvider"
         decoder_providers = [_with_cuda_graph(providers[0]), *providers[1:]] if self.cuda_graph else providers
-        self.session, self.head, self.cache_rows, self.splice = (
+        self.providers = providers
+        self.session, self.head, self.splice = (
             open_session(self.folder / name, chosen)
             for name, chosen in ((DECODER_NAME, decoder_providers), (LM_HEAD_NAME, providers),
-                                 (CACHE_ROWS_NAME, providers), (SPLICE_NAME, providers)))
+                                 (SPLICE_NAME, providers)))
         self.device, self.device_id = session_device(self.session)  # where the cache and hidden states live
         self.dtype = np.float16 if self.session.get_inputs()[0].type == "tensor(float16)" else np.float32
         self.head_dtype = np.float16 if self.head.get_inputs()[0].type == "tensor(float16)" else np.float32
@@ -240,8 +241,16 @@ class TextDecoder:
         self.run_options = ort.RunOptions()
         # the splice's gathers are as large as its outputs: handed back when it ends, not held
         self.splice_options = release_after_runs(providers)
+        # Until a step is captured, each run hands the decoder arena's free memory back too: the
+        # arena grows by exactly what a request asks, so the next prefill, whose requests come in
+        # another order or as one memory-pattern block, would otherwise add regions beside the
+        # free ones (W1 int4 on the H100: peaks of 5.57, 6.26, then 6.71 GiB from the third
+        # decision on; with the hand-back 5.42, then 5.63).
+        self.release_options = release_after_runs(providers)
         if self.cuda_graph:
             self.run_options.add_run_config_entry("gpu_graph_id", "-1")
+            self.release_options.add_run_config_entry("gpu_graph_id", "-1")
+        self.cache_rows: ort.InferenceSession | None = None  # opened by the first repeat_cache
         self.fixed: tuple[tuple, FixedStep] | None = None  # the bound step and the cache buffers it is bound to
         self.graphs_captured = 0
 
@@ -359,6 +368,8 @@ class TextDecoder:
         buffers of the same capacity, written by cache_rows.onnx."""
         if not self.past:
             raise InputError("repeat_cache() before prefill()")
+        if self.cache_rows is None:  # opened when first needed: a session holds device memory of its own
+            self.cache_rows = open_session(self.folder / CACHE_ROWS_NAME, self.providers)
         binding = self.cache_rows.io_binding()
         binding.bind_cpu_input("rows", np.repeat(np.arange(self.batch, dtype=np.int64), repeats))
         for i, (key, value) in enumerate(self.past):
@@ -409,7 +420,7 @@ class TextDecoder:
                     binding.bind_ortvalue_output(f"present_{kind}_{i}", buffer)
                 else:  # a full buffer: ORT allocates presents of exactly `total` tokens on the device
                     binding.bind_output(f"present_{kind}_{i}", self.device, self.device_id)
-        self.session.run_with_iobinding(binding, self.run_options)
+        self.session.run_with_iobinding(binding, self.release_options if not self.graphs_captured else self.run_options)
         outputs = binding.get_outputs()
         if not in_place:
             self.past = [(outputs[1 + 2 * i], outputs[2 + 2 * i]) for i in range(self.num_layers)]
@@ -418,12 +429,15 @@ class TextDecoder:
 
     def prefill(self, inputs_embeds, cos: np.ndarray, sin: np.ndarray, deepstack=None,
                 capacity: int | None = None, on_device: bool = False):
-        """Run the prompt from an empty cache with room for `capacity` tokens (default: the prompt;
-        give prompt + tokens to come so the steps write in place): the (B, S, hidden) final-norm
-        hidden states, as numpy or, with `on_device`, as the OrtValue on the device (for `logits`).
-        `inputs_embeds` and `deepstack`: numpy or OrtValues on the device (`multimodal_embeds`)."""
+        """Run the prompt from an empty cache with room for `capacity` tokens (give prompt + tokens
+        to come so the steps write in place): the (B, S, hidden) final-norm hidden states, as numpy
+        or, with `on_device`, as the OrtValue on the device (for `logits`). `inputs_embeds` and
+        `deepstack`: numpy or OrtValues on the device (`multimodal_embeds`).
+        Without `capacity` the cache is the prompt's, allocated by the run itself (ORT's path for a
+        full buffer, from an empty one): its exact size, in the session's arena, not in the
+        Python-side one that `reset` allocates from, which grows by powers of two."""
         b, s = shape_of(inputs_embeds)[:2]
-        self.reset(b, max(s, capacity or 0))
+        self.reset(b, max(s, capacity) if capacity else 0)
         hidden = self._run(inputs_embeds, cos, sin, deepstack)
         return hidden if on_device else hidden.numpy()
 

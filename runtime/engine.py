@@ -2,11 +2,13 @@
 cache and greedy decoding. numpy + onnxruntime only: this ships to the robot.
 
 - Candidate labels: the shared prompt is prefilled once per view; each label's first token is
-  scored by the prompt's last logits, and the labels of more than one token run as one batch on
-  the prefilled KV cache (repeated on the device once per such label only when there are several;
-  one step for labels of up to two tokens). Shorter labels are padded at the end; causal
-  attention keeps every real label token blind to the padding, so this equals scoring each label
-  with its own full forward. Score = summed NLL / label token count (lower is better).
+  scored by the prompt's last logits. When one label has more than one token (RoboCasa's "not
+  complete"), the prefill carries its tokens after the prompt: one forward scores every label,
+  and no cache outlives it. Labels of more than one token otherwise run as one batch on the
+  prefilled KV cache, repeated on the device once per such label (one step for labels of up to
+  two tokens); shorter labels are padded at the end. Causal attention keeps every position blind
+  to what follows it, so this equals scoring each label with its own full forward.
+  Score = summed NLL / label token count (lower is better).
 - Views: the views of one decision whose prompts have the same length run as one batch in the
   vision encoder and the prefill; views of other lengths run one after another.
 - Vision cache: the vision graph runs one 2-frame group per batch row and no attention crosses
@@ -102,10 +104,17 @@ def _pool_of(pid: int) -> ThreadPoolExecutor:
 
 def cache_copies(label_ids: list[np.ndarray]) -> int:
     """Copies of a prefilled prompt's KV cache that scoring `label_ids` makes: none for labels of
-    one token (scored by the prompt's last logits) or when one label has more (it extends the
-    prefilled cache itself), else one per label of more than one token."""
+    one token (scored by the prompt's last logits) or when one label has more (the prefill
+    carries it: `carried_tokens`), else one per label of more than one token."""
     fed = sum(len(ids) > 1 for ids in label_ids)
     return fed if fed > 1 else 0
+
+
+def carried_tokens(label_ids: list[np.ndarray]) -> np.ndarray:
+    """The tokens a prompt's prefill carries after it: all but the last of the one label of more
+    than one token, when there is exactly one; else none (the others are fed after the prefill)."""
+    fed = [ids for ids in label_ids if len(ids) > 1]
+    return np.asarray(fed[0][:-1] if len(fed) == 1 else [], np.int64)
 
 
 def mean_nll(logits: np.ndarray, label_ids: np.ndarray) -> float:
@@ -322,12 +331,15 @@ class Engine:
         check_gpu_memory(self.gpu_mem_gb, self.weight_bytes, self.decoder.kv_cache_bytes(rows, tokens),
                          f" for {rows} x {tokens} tokens")
 
-    def prefill(self, prompts: list[Prompt], visual: list[VisualRows], capacity: int):
-        """Prompts of one length as one batch, from an empty cache with room for `capacity` tokens:
-        the (B, S, hidden) hidden states as an OrtValue on the device."""
-        ids = np.concatenate([p.arrays["input_ids"] for p in prompts])
-        embeds, deepstack = self.decoder.multimodal_embeds(ids, self.model.video_token_id, VisualRows.join(visual))
-        cos, sin = self.decoder.cos_sin(np.concatenate([p.arrays["position_ids"] for p in prompts], axis=1))
+    def prefill(self, prompts: list[Prompt], visual: list[VisualRows], capacity: int | None,
+                carried: np.ndarray = np.zeros(0, np.int64)):
+        """Prompts of one length as one batch, each followed by the `carried` tokens, from an empty
+        cache with room for `capacity` tokens (None: just these, `TextDecoder.prefill`): the
+        (B, S, hidden) hidden states as an OrtValue on the device."""
+        ids, positions = zip(*(label_positions(p.arrays, carried) for p in prompts))
+        embeds, deepstack = self.decoder.multimodal_embeds(np.concatenate(ids), self.model.video_token_id,
+                                                           VisualRows.join(visual))
+        cos, sin = self.decoder.cos_sin(np.concatenate(positions, axis=1))
         return self.decoder.prefill(embeds, cos, sin, deepstack, capacity=capacity, on_device=True)
 
     def score_labels(self, prompts: list[Prompt], labels: tuple[str, ...], timer: StageTimer | None = None
@@ -335,8 +347,9 @@ class Engine:
         """(prompts, labels) mean NLL per label token. Prompts of the same length share one batch."""
         timer = timer or StageTimer()
         label_ids = [self.token_ids(label, "label") for label in labels]
-        width = max(len(ids) for ids in label_ids) - 1  # label tokens fed after the prompt
-        copies = cache_copies(label_ids)
+        width = max(len(ids) for ids in label_ids) - 1  # label tokens after the prompt
+        copies, carried = cache_copies(label_ids), carried_tokens(label_ids)
+        fed_after = width > len(carried)  # label tokens fed on the prefilled cache need room in it
         by_length: dict[int, list[int]] = {}
         for i, prompt in enumerate(prompts):
             by_length.setdefault(prompt.length, []).append(i)
@@ -346,23 +359,29 @@ class Engine:
         scores = np.empty((len(prompts), len(labels)))
         for length, rows in by_length.items():
             with timer("prefill"):
-                hidden = self.prefill([prompts[i] for i in rows], [visual[i] for i in rows], length + width)
+                hidden = self.prefill([prompts[i] for i in rows], [visual[i] for i in rows],
+                                      length + width if fed_after else None, carried)
             with timer("scoring"):
-                scores[rows] = self._score_batch(hidden, [prompts[i] for i in rows], label_ids)
+                scores[rows] = self._score_batch(hidden, [prompts[i] for i in rows], label_ids, carried)
         return scores
 
-    def _score_batch(self, hidden, prompts: list[Prompt], label_ids: list[np.ndarray]) -> np.ndarray:
-        """Score every label after each prefilled prompt row (`hidden` the prefill's OrtValue). A
-        label's first token is scored by the prompt's last logits; the labels of more than one
-        token ("fed") then run as one batch on the cache, repeated once per fed label when there
-        are several (row b * F + f = prompt b, fed label f), every one of their tokens but the
-        last fed to all rows at once. The LM head reads the hidden states on the device."""
+    def _score_batch(self, hidden, prompts: list[Prompt], label_ids: list[np.ndarray], carried: np.ndarray
+                     ) -> np.ndarray:
+        """Score every label after each prefilled prompt row (`hidden` the prefill's OrtValue, the
+        `carried` tokens after each prompt). A label's first token is scored by the prompt's last
+        logits. The labels of more than one token ("fed") are scored where the prefill carried
+        them or else run as one batch on the cache, repeated once per fed label when there are
+        several (row b * F + f = prompt b, fed label f), every one of their tokens but the last
+        fed to all rows at once. The LM head reads the hidden states on the device."""
         batch, length = len(prompts), prompts[0].length
         fed = [l for l, ids in enumerate(label_ids) if len(ids) > 1]
         width = max(len(ids) for ids in label_ids) - 1
-        first = self.decoder.logits(hidden, slice(-1, None))[:, 0]  # each prompt's last position
+        read = self.decoder.logits(hidden, slice(length - 1, None))  # the prompt's last position, then carried
+        first = read[:, 0]
         rest = np.empty((batch * len(fed), width, self.decoder.vocab_size), np.float32)  # fed labels' positions
-        if fed:
+        if len(carried):
+            rest[:] = read[:, 1:]
+        elif fed:
             tokens = np.zeros((len(fed), width), np.int64)  # padding: any token, after the label
             for f, l in enumerate(fed):
                 tokens[f, :len(label_ids[l]) - 1] = label_ids[l][:-1]

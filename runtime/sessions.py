@@ -4,7 +4,8 @@ Each session (vision, decoder, LM head, cache rows, splice) has its own CUDA mem
 at the cap (`gpu_mem_limit`) and grown by what a run asks (not to the next power of two, ORT's
 default, which can double a multi-GiB activation request). An arena keeps what its largest run
 took, so the vision and splice sessions hand their free memory back to the device after each run
-(`release_after_runs`): their intermediates are not held while the decoder prefills.
+(`release_after_runs`): their intermediates are not held while the decoder prefills. The decoder
+does the same until it captures a CUDA graph.
 
 One arena per device shared by all sessions (ORT's environment allocator,
 `session.use_env_allocators`) was the runtime's setting for one session on 2026-11-23; on the H100

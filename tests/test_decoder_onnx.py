@@ -327,6 +327,24 @@ def test_repeat_cache_on_device(exported):
     np.testing.assert_allclose(_text_step(decoder, nexts[::3], 12)[:, 0], reference[::3], rtol=0, atol=1e-5)
 
 
+def test_prefill_without_capacity_allocates_its_cache(exported):
+    """Without a capacity the prefill's run allocates the cache itself, exactly the prompt's rows,
+    and a later step still extends it (by new buffers); the cache-row session opens only when a
+    cache is first repeated."""
+    decoder = TextDecoder(exported[0])
+    assert decoder.cache_rows is None
+    prompt = np.random.default_rng(3).integers(0, 1400, (2, 9))
+    _text_prefill(decoder, prompt)
+    assert decoder.capacity == 9 and decoder.cache_shape() == (2, decoder.num_kv_heads, 9, decoder.head_dim)
+    nexts = np.array([[5], [7]])
+    reference = _full_forward_logits(decoder, np.concatenate([prompt, nexts], axis=1))[:, -1]
+    _text_prefill(decoder, prompt)
+    np.testing.assert_allclose(_text_step(decoder, nexts, 9)[:, 0], reference, rtol=0, atol=1e-5)
+    assert decoder.capacity == 10
+    decoder.repeat_cache(2)
+    assert decoder.cache_rows is not None and decoder.cache_shape()[0] == 4
+
+
 def test_snapshot_restore(exported):
     """A 3-token step (the score-prefix pattern) written in place, then restore: steps on the
     restored cache equal a full forward that never saw those 3 tokens, written over the detour's

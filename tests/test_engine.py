@@ -95,20 +95,25 @@ def spy(monkeypatch, obj, name: str, record) -> list:
 @pytest.mark.parametrize("labels", [LABELS, LABELS[:2], ("complete", "not")],
                          ids=["two-multi-token-labels", "one-multi-token-label", "one-token-labels"])
 def test_batched_labels_equal_own_forward(judge, monkeypatch, labels):
-    """Whatever the labels' lengths (the cache copied per label of several tokens, extended in
-    place for the only one, or not extended at all), the scores equal each label's own forward."""
+    """Whatever the labels' lengths (the cache copied per label of several tokens, the only one
+    carried by the prefill, or none), the scores equal each label's own forward."""
     engine = judge.engine
     clips = [read_video(frames(1)), read_video(frames(2))]
-    prefills = spy(monkeypatch, engine.decoder, "prefill", lambda embeds, *_: embeds.shape()[0])
+    prompts = [engine.prompt([c], TEXT) for c in clips]
+    prefills = spy(monkeypatch, engine.decoder, "prefill", lambda embeds, *_: tuple(embeds.shape()[:2]))
     steps = spy(monkeypatch, engine.decoder, "step", lambda embeds, *_: embeds.shape[:2])
     repeats = spy(monkeypatch, engine.decoder, "repeat_cache", lambda repeats: repeats)
-    scores = engine.score_labels([engine.prompt([c], TEXT) for c in clips], labels)
+    scores = engine.score_labels(prompts, labels)
     lengths = [len(engine.model.prompter.encode(label)) for label in labels]
     fed = sum(n > 1 for n in lengths)
     assert fed == {LABELS: 2, LABELS[:2]: 1}.get(labels, 0)
     assert lengths[0] == 1 and (labels != LABELS or max(lengths) > 2)  # padding, several label steps
-    assert prefills == [2]  # both views in one prefill
-    assert steps == [(2 * fed, 1)] * (max(lengths) - 1)  # all fed rows together, one step per label position
+    width, length = max(lengths) - 1, prompts[0].length
+    if fed == 1:  # both views in one prefill, carrying the label
+        assert prefills == [(2, length + width)] and steps == []
+    else:  # all fed rows together, one step per label position
+        assert prefills == [(2, length)] and steps == [(2 * fed, 1)] * width
+    assert engine.decoder.capacity == length + width  # no room left over
     assert repeats == ([fed] if fed > 1 else [])
     monkeypatch.undo()
     reference = np.array([own_forward_scores(judge, c, labels) for c in clips])
