@@ -82,7 +82,8 @@ def eos_token_ids(model: runtime_model.Model) -> set[int]:
 
 def label_positions(arrays: dict, label_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """input_ids and (3, 1, S + L) positions of prompt + label: text after the prompt goes on at
-    index + rope delta on all three axes. (The per-label full-forward reference.)"""
+    index + rope delta on all three axes. (A prefill's carried label tokens; the tests' per-label
+    full-forward reference.)"""
     prompt_len = arrays["input_ids"].shape[1]
     ids = np.concatenate([arrays["input_ids"], label_ids[None]], axis=1)
     positions = np.concatenate(
