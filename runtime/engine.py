@@ -378,11 +378,9 @@ class Engine:
         fed = [l for l, ids in enumerate(label_ids) if len(ids) > 1]
         width = max(len(ids) for ids in label_ids) - 1
         read = self.decoder.logits(hidden, slice(length - 1, None))  # the prompt's last position, then carried
-        first = read[:, 0]
-        rest = np.empty((batch * len(fed), width, self.decoder.vocab_size), np.float32)  # fed labels' positions
-        if len(carried):
-            rest[:] = read[:, 1:]
-        elif fed:
+        first, rest = read[:, 0], read[:, 1:]  # rest: the fed labels' positions, here when carried
+        if fed and not len(carried):
+            rest = np.empty((batch * len(fed), width, self.decoder.vocab_size), np.float32)
             tokens = np.zeros((len(fed), width), np.int64)  # padding: any token, after the label
             for f, l in enumerate(fed):
                 tokens[f, :len(label_ids[l]) - 1] = label_ids[l][:-1]
