@@ -16,7 +16,8 @@ calls it makes, with the GPU's used memory after each stage.
 (ONNX Runtime's own profile is not used: on CUDA it times each kernel's launch on the host, not
 its device time.) `--kernels N`: one more run under torch's profiler, whose CUPTI tracing sees
 every CUDA kernel of the process, ONNX Runtime's included: the N kernels of most device time,
-each with its calls and summed device ms (the one use of torch here, imported only then).
+each with its calls and summed device ms, the GPU's idle time within the run and its N longest
+gaps, and the N CUDA runtime calls of most host time (the one use of torch here, imported only then).
 """
 
 from __future__ import annotations
@@ -73,15 +74,38 @@ class Clock:
 
 
 def device_kernels(run, engine, top: int) -> dict:
-    """Device time of one `run()` (the vision cache emptied first) by CUDA kernel, from CUPTI."""
+    """Device time of one `run()` (the vision cache emptied first) by CUDA kernel, from CUPTI; the
+    GPU's idle time within the run (between its first and last kernel) with the longest idle gaps
+    and the kernels on either side; the CUDA runtime calls of most host time (a synchronizing
+    copy or free shows here)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     engine.cache.entries.clear()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         run()
     rows = [(e.key, e.count, e.device_time_total / 1e3) for e in prof.key_averages() if e.device_time_total > 0]
     rows.sort(key=lambda row: -row[2])
+    events = prof.events()
+    kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
+    gaps, busy_until = [], kernels[0].time_range.end if kernels else 0
+    previous = kernels[0].name if kernels else ""
+    for e in kernels[1:]:
+        if e.time_range.start > busy_until:
+            gaps.append(((e.time_range.start - busy_until) / 1e3, previous[:80], e.name[:80]))
+        if e.time_range.end > busy_until:
+            busy_until, previous = e.time_range.end, e.name
+    span = (busy_until - kernels[0].time_range.start) / 1e3 if kernels else 0.0
+    api: dict[str, list] = defaultdict(lambda: [0, 0.0])
+    for e in events:
+        if e.device_type == DeviceType.CPU and e.name.startswith("cuda"):
+            api[e.name][0] += 1
+            api[e.name][1] += e.cpu_time_total / 1e3
     return {"total_device_ms": round(sum(ms for _, _, ms in rows), 2),
+            "span_ms": round(span, 2), "idle_ms": round(sum(g[0] for g in gaps), 2),
+            "idle_gaps": [{"ms": round(ms, 3), "after": a, "before": b} for ms, a, b in sorted(gaps, reverse=True)[:top]],
+            "runtime_calls": [{"call": name, "calls": n, "ms": round(ms, 3)}
+                              for name, (n, ms) in sorted(api.items(), key=lambda kv: -kv[1][1])[:top]],
             "top": [{"kernel": key[:160], "calls": count, "ms": round(ms, 3)} for key, count, ms in rows[:top]]}
 
 
@@ -146,7 +170,7 @@ def main() -> None:
     for owner, attribute, name in (
             (engine, "prompt", "engine.prompt"), (engine, "visual", "engine.visual"),
             (engine, "prefill", "engine.prefill"), (engine, "_score_batch", "engine.score_batch"),
-            (engine_module.VisionCache, "key", "vision_cache.key"), (engine_module, "preprocess_video", "preprocess_video"),
+            (engine_module.VisionCache, "key", "vision_cache.key"), (engine_module, "preprocess_video_levels", "preprocess_video_levels"),
             (vision, "run_into", "vision.run_into"), (decoder, "multimodal_embeds", "decoder.multimodal_embeds"),
             (decoder, "cos_sin", "decoder.cos_sin"), (decoder, "reset", "decoder.reset"), (decoder, "_run", "decoder.run"),
             (decoder, "logits", "decoder.logits"), (decoder, "repeat_cache", "decoder.repeat_cache"),

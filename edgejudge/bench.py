@@ -269,11 +269,12 @@ def artifact(setup: Setup, base: Path, adapter: Path | None, folder: Path, devic
 
         # quantized graphs keep fp32 activations for CPU targets (ORT's CPU kernels), fp16 on the GPU
         activations = None if setup.export in ("fp32", "fp16") else ("fp32" if device == "cpu" else "fp16")
-        head_bits = 8 if setup.head_bits else None
+        head_bits, vision_bits = (8 if bits else None for bits in (setup.head_bits, setup.vision_bits))
         name = f"onnx-{setup.export}" + (f"-b128-{activations}" if activations else "") + (
-            f"+head{head_bits}" if head_bits else "")
+            f"+head{head_bits}" if head_bits else "") + (f"+vision{vision_bits}" if vision_bits else "")
         out = built(folder / name, lambda out: export_onnx(base, adapter, setup.export, out, activations=activations,
-                                                              lm_head_bits=head_bits, device=device))
+                                                              lm_head_bits=head_bits, vision_bits=vision_bits,
+                                                              device=device))
     else:
         from edgejudge.export.bnb import export_bnb
 

@@ -151,14 +151,17 @@ class Setup:
     export: str = ""  # the artifact's precision (onnx, bnb), or the baseline's quantization
     weight_bits: float | None = None  # a quantized decoder linear weight's bits, scales included (None: float)
     head_bits: float | None = None  # the ONNX LM head's, likewise (None: float)
+    vision_bits: float | None = None  # the ONNX vision tower's linears', likewise (None: float)
 
 
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # 4-bit codes, an 8-bit absmax per 64, an fp32 scale per 256 absmax
 SETUPS: dict[str, Setup] = {s.name: s for s in (
     Setup("fp32", "edgejudge ONNX fp32", "onnx", "fp32"),
     Setup("fp16", "edgejudge ONNX fp16", "onnx", "fp16"),
-    # the LM head at 8 bits (llama.cpp's Q4 files keep theirs at 6 or more): half the fp16 table
-    Setup("int4", "edgejudge ONNX int4 (RTN, block 128; int8 LM head)", "onnx", "int4", 4 + 16 / 128, 8 + 16 / 128),
+    # the LM head and the vision tower at 8 bits (llama.cpp's Q4 files keep the head at 6 or more,
+    # their vision projectors at 8 or more): half the fp16 weights
+    Setup("int4", "edgejudge ONNX int4 (RTN, block 128; int8 LM head and vision)", "onnx", "int4", 4 + 16 / 128,
+          8 + 16 / 128, 8 + 16 / 128),
     Setup("nf4", "edgejudge bnb nf4 (torch backend)", "torch", "nf4", NF4_BITS),
     Setup("hf", "HF + PEFT, SDPA (seed recipe)", "hf"),
     Setup("hf-nf4", "HF nf4 + PEFT (as the card loads it)", "hf", "nf4", NF4_BITS),
@@ -317,9 +320,10 @@ def kv_bytes_per_token(shape: dict, float_bytes: int) -> int:
 def device_weight_bytes(shape: dict, setup: Setup, float_bytes: int) -> float:
     """Weights on the device: ONNX keeps the embedding table on the host (numpy) and reads a tied
     table on the device as the LM head; torch holds both; nf4 (edgejudge and the card) quantizes
-    the decoder's linears, the card's recipe the vision tower's too."""
+    the decoder's linears, the card's recipe and edgejudge's int4 artifact the vision tower's too."""
     linear = shape["decoder"] * (setup.weight_bits / 8 if setup.weight_bits else float_bytes)
-    vision = (shape["vision"] + shape["merger"]) * (NF4_BITS / 8 if setup.name == "hf-nf4" else float_bytes)
+    vision_bits = NF4_BITS if setup.name == "hf-nf4" else setup.vision_bits
+    vision = (shape["vision"] + shape["merger"]) * (vision_bits / 8 if vision_bits else float_bytes)
     other = (shape["vision_other"] + shape["decoder_other"]) * float_bytes
     if setup.backend == "onnx":
         return linear + vision + other + shape["head"] * (setup.head_bits / 8 if setup.head_bits else float_bytes)
@@ -335,7 +339,7 @@ def memory_estimate(shape: dict, plan: dict, setup: Setup, workload: Workload, c
     backend copies it once per label, and holds a rubric's shared prefix and two copies of the
     answer rows; HF one sequence at a time. ONNX's cache buffers allocated ahead of a run come from
     onnxruntime's Python-side CUDA arena, which grows by powers of two: up to twice the cache is
-    reserved (not for scoring whose prefill carries every label token). ONNX also keeps
+    reserved; scoring whose prefill carries every label token holds one layer's cache. ONNX also keeps
     the vision outputs in a store on the device (in that arena too), sized for the cache's groups
     or the call's, and gathers the decoder's inputs from it (`splice.onnx`)."""
     from edgejudge.runtime.engine import CACHE_GROUPS
@@ -354,10 +358,13 @@ def memory_estimate(shape: dict, plan: dict, setup: Setup, workload: Workload, c
         rows, tokens = 1 + 2 * len(plan["suffixes"]), plan["prompt"] + workload.spec.max_new_tokens
     else:
         rows, tokens = 1, plan.get("cache_tokens", plan["prompt"] + workload.spec.max_new_tokens)
-    # ONNX scoring whose prefill carries every label token has its cache allocated by the run, at
-    # its size; cache buffers allocated ahead (for tokens fed after) come from the power-of-two arena
-    arena_cache = setup.backend == "onnx" and cuda and not (plan["labels"] and fed <= 1)
-    kv = cache_bytes(text["config"], rows, tokens, float_bytes) * (2 if arena_cache else 1)
+    # ONNX scoring whose prefill carries every label token keeps no cache: its layers share one
+    # layer's buffers (`TextDecoder.prefill(keep_cache=False)`); cache buffers allocated ahead (for
+    # tokens fed after) come from the power-of-two arena
+    no_cache = setup.backend == "onnx" and bool(plan["labels"]) and fed <= 1
+    arena_cache = setup.backend == "onnx" and cuda
+    kv = (cache_bytes(text["config"], rows, tokens, float_bytes) * (2 if arena_cache else 1)
+          / (text["full_layers"] if no_cache else 1))
     prompt_rows = plan["videos"] if plan["labels"] and setup.backend != "hf" else 1
     groups, patches = plan["groups"], plan["patches_per_group"]
     if setup.backend == "onnx":

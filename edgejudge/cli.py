@@ -101,7 +101,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         out = export_onnx(Path(args.base), adapter, args.precision, Path(args.out), judge_spec=args.spec,
                           block_size=args.block_size, symmetric=not args.asymmetric, activations=args.activations,
                           algorithm=args.algorithm, lm_head_bits=args.lm_head_bits,
-                          int8_last_layers=args.int8_last_layers, device=args.device)
+                          int8_last_layers=args.int8_last_layers, vision_bits=args.vision_bits, device=args.device)
     print(f"{out}: {args.format} {args.precision} artifact")
     return 0
 
@@ -294,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnx int8/int4: float type of the graphs (default fp16; fp32 for CPU-only targets)")
     p.add_argument("--algorithm", choices=["rtn", "k_quant"], default="rtn", help="onnx int8/int4: ORT quantizer")
     p.add_argument("--lm-head-bits", type=int, choices=[8], help="onnx int8/int4: an int8 LM head (default float)")
+    p.add_argument("--vision-bits", type=int, choices=[8],
+                   help="onnx int8/int4: the vision tower's linears at 8 bits (default float)")
     p.add_argument("--int8-last-layers", type=int, default=0, metavar="N",
                    help="onnx int4: keep the linears of the last N decoder layers at 8 bits")
     p.add_argument("--spec", help="judge spec to record in the manifest")

@@ -6,9 +6,10 @@ text decoder from ORT's fused operators with a KV cache, the LM head) plus the e
 Precisions: fp32 and fp16 are the float graphs. int8 / int4 quantize the decoder's linear layers
 weight-only to MatMulNBits with ONNX Runtime's own quantizers (RTN by default, or ORT's k_quant;
 block-wise; symmetric or not) on top of float graphs in `activations` (fp16 by default: the GPU
-artifact; fp32 for CPU-only targets). The vision tower stays in the float type. Two options keep
-the most sensitive weights at 8 bits inside an int4 artifact: `lm_head_bits=8` (the LM head as an
-int8 MatMulNBits) and `int8_last_layers=N` (the linears of the last N decoder layers).
+artifact; fp32 for CPU-only targets). The vision tower stays in the float type unless
+`vision_bits=8` (its linears as int8 MatMulNBits: half the fp16 tower's device memory). Two options
+keep the most sensitive weights at 8 bits inside an int4 artifact: `lm_head_bits=8` (the LM head as
+an int8 MatMulNBits) and `int8_last_layers=N` (the linears of the last N decoder layers).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from edgejudge.export.artifact import check_out_dir, finish_artifact
 from edgejudge.export.merge import base_class, check_adapter, merge_adapter
 from edgejudge.export.onnx_decoder import LM_HEAD_NAME, build_quantizable_lm_head_graph, export_decoder_onnx, head_weight
 from edgejudge.export.onnx_io import save_onnx
+from edgejudge.runtime.preprocess import VisionPreprocessing
 
 VISION_NAME = "vision.onnx"
 FAMILIES = {"qwen3_vl": qwen3_vl, "qwen2_5_vl": qwen2_5_vl}
@@ -85,8 +87,8 @@ def write_int8_lm_head(model, out_dir: Path, float_type: str, block_size: int, s
 
 
 def precision_label(precision: str, activations: str, block_size: int, symmetric: bool, algorithm: str,
-                    lm_head_bits: int | None, int8_last_layers: int) -> str:
-    """The manifest's precision string, e.g. `int4-b128-sym-rtn-fp16+head8+last2x8`."""
+                    lm_head_bits: int | None, int8_last_layers: int, vision_bits: int | None = None) -> str:
+    """The manifest's precision string, e.g. `int4-b128-sym-rtn-fp16+head8+last2x8+vision8`."""
     if precision in TORCH_FLOAT:
         return precision
     label = f"{precision}-b{block_size}-{'sym' if symmetric else 'asym'}-{algorithm.replace('_', '')}-{activations}"
@@ -94,11 +96,13 @@ def precision_label(precision: str, activations: str, block_size: int, symmetric
         label += f"+head{lm_head_bits}"
     if int8_last_layers:
         label += f"+last{int8_last_layers}x8"
+    if vision_bits:
+        label += f"+vision{vision_bits}"
     return label
 
 
 def check_options(family: str, precision: str, activations: str, algorithm: str, lm_head_bits: int | None,
-                  int8_last_layers: int) -> None:
+                  int8_last_layers: int, vision_bits: int | None = None) -> None:
     if family not in FAMILIES:
         raise InputError(f"ONNX export supports {', '.join(FAMILIES)} so far, not {family} "
                          "(use --format bnb; Qwen3.5 ONNX is planned)")
@@ -106,20 +110,23 @@ def check_options(family: str, precision: str, activations: str, algorithm: str,
         raise InputError(f"ONNX export supports precision {', '.join(PRECISIONS)}, not {precision}")
     if activations not in TORCH_FLOAT:
         raise InputError(f"activations must be fp32 or fp16, not {activations}")
-    if precision in TORCH_FLOAT and (lm_head_bits or int8_last_layers or algorithm != "rtn"):
-        raise InputError(f"--lm-head-bits, --int8-last-layers and --algorithm apply to int8/int4, not {precision}")
+    if precision in TORCH_FLOAT and (lm_head_bits or int8_last_layers or vision_bits or algorithm != "rtn"):
+        raise InputError(f"--lm-head-bits, --int8-last-layers, --vision-bits and --algorithm apply to int8/int4, "
+                         f"not {precision}")
     if algorithm not in ALGORITHMS:
         raise InputError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, not {algorithm}")
     if lm_head_bits not in (None, 8):
         raise InputError(f"--lm-head-bits must be 8 (the head stays float otherwise), not {lm_head_bits}")
     if int8_last_layers < 0:
         raise InputError("--int8-last-layers must be >= 0")
+    if vision_bits not in (None, 8):
+        raise InputError(f"--vision-bits must be 8 (the vision tower stays float otherwise), not {vision_bits}")
 
 
 def export_onnx(base_dir: Path, adapter_dir: Path | None, precision: str, out_dir: Path,
                 judge_spec: str | None = None, block_size: int = 128, symmetric: bool = True,
                 activations: str | None = None, algorithm: str = "rtn", lm_head_bits: int | None = None,
-                int8_last_layers: int = 0, device: str = "cpu") -> Path:
+                int8_last_layers: int = 0, vision_bits: int | None = None, device: str = "cpu") -> Path:
     """Merge `adapter_dir` into `base_dir` and write the ONNX artifact folder.
 
     `activations`: the float type of the graphs (default: the precision itself for fp32/fp16,
@@ -128,7 +135,7 @@ def export_onnx(base_dir: Path, adapter_dir: Path | None, precision: str, out_di
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     _, config = base_class(base_dir)
     activations = activations or (precision if precision in TORCH_FLOAT else "fp16")
-    check_options(config.model_type, precision, activations, algorithm, lm_head_bits, int8_last_layers)
+    check_options(config.model_type, precision, activations, algorithm, lm_head_bits, int8_last_layers, vision_bits)
     family = FAMILIES[config.model_type]
     if adapter_dir is not None:
         check_adapter(base_dir, Path(adapter_dir))
@@ -150,12 +157,15 @@ def export_onnx(base_dir: Path, adapter_dir: Path | None, precision: str, out_di
         steps.update()
         steps.set_postfix_str("vision")
         # the decoder is written: the vision tower can be cast in place
-        family.export_vision_onnx(None, out_dir / VISION_NAME, TORCH_FLOAT[activations], visual=model.model.visual)
+        family.export_vision_onnx(None, out_dir / VISION_NAME, TORCH_FLOAT[activations], visual=model.model.visual,
+                                  pp=VisionPreprocessing.from_model_dir(base_dir))
+        if vision_bits:
+            quantize_matmuls(out_dir / VISION_NAME, vision_bits, block_size, symmetric)
         steps.update()
         steps.set_postfix_str("manifest")
         finish_artifact(base_dir, out_dir, "onnx",
                         precision_label(precision, activations, block_size, symmetric, algorithm, lm_head_bits,
-                                        int8_last_layers),
+                                        int8_last_layers, vision_bits),
                         judge_spec, ("torch", "transformers", "peft", "onnx", "onnxruntime"), copy_config=True)
         steps.update()
     return out_dir

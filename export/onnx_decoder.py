@@ -23,8 +23,9 @@ Written into one folder:
   Ops: SimplifiedLayerNormalization (RMSNorm: input norm of layer 0, Qwen3-VL's q_norm/k_norm over head_dim)
   and com.microsoft SkipSimplifiedLayerNormalization (residual add + the next RMSNorm, its
   4th output is the residual sum), MatMul for every linear (`_linear`, the single place where
-  MatMulNBits goes in when quantizing), explicit rotate-half rotary on q and k, com.microsoft
-  GroupQueryAttention (do_rotary=0, causal, GQA), SwiGLU (Sigmoid * x * up).
+  MatMulNBits goes in when quantizing), com.microsoft RotaryEmbedding on q and k (each token's
+  own M-RoPE angles: `_rotary_table`), com.microsoft GroupQueryAttention (do_rotary=0, causal,
+  GQA), SwiGLU (Sigmoid * x * up).
 - `lm_head.onnx`: `hidden` (B, K, hidden) -> `logits` (B, K, vocab) float32, a Gemm with transB=1
   against the (vocab, hidden) table. Its weight is not copied: the graph's external data points
   into `embed.npy` (tied embeddings: Qwen3-VL-4B) or `lm_head.npy` (untied: Qwen2.5-VL-7B) at
@@ -85,13 +86,45 @@ def _residual_norm(g: Graph, x: str, residual: str | None, weight, eps: float, n
     return cast(g, normed, g.dtype, f"{name}/to_float_type"), stream
 
 
-def _rotary(g: Graph, x4: str, cos4: str, sin4: str, flat_shape: str, half: str, name: str) -> str:
-    """x (B, S, heads, D) -> rotate-half rotary with cos/sin (B, S, 1, D) -> (B, S, heads*D)."""
-    x1, x2 = g.op("Split", [x4, half], outputs=[f"{name}/x1", f"{name}/x2"], name=f"{name}/split", axis=-1)
-    rot = g.op("Concat", [g.op("Neg", [x2], name=f"{name}/neg"), x1], name=f"{name}/rotate_half", axis=-1)
-    y = g.op("Add", [g.op("Mul", [x4, cos4], name=f"{name}/mul_cos"),
-                     g.op("Mul", [rot, sin4], name=f"{name}/mul_sin")], name=f"{name}/add")
-    return g.op("Reshape", [y, flat_shape], name=f"{name}/flatten")
+def _head_norm(g: Graph, x: str, heads_shape: str, flat_shape: str, weight, eps: float, name: str) -> str:
+    """RMSNorm over head_dim of each head of x (B, S, heads * D), back in (B, S, heads * D)."""
+    normed = _rms_norm(g, g.op("Reshape", [x, heads_shape], name=f"{name}/to_heads"), weight, eps, name)
+    return g.op("Reshape", [normed, flat_shape], name=f"{name}/flatten")
+
+
+def _rotary_table(g: Graph, head_dim: int) -> tuple[str, str, str]:
+    """(row index, cos table, sin table) for com.microsoft RotaryEmbedding from the graph inputs
+    `cos`, `sin` (B, S, head_dim): every token of the batch is one row of the tables ((B * S,
+    head_dim / 2), the first halves: the two halves are equal) and token (b, s) reads row b * S + s,
+    so each token keeps its own M-RoPE angles. One fused rotary kernel per q and k then replaces
+    the rotate-half chain (Split, Neg, Concat, two Mul, Add), and the table costs a few tiny ops a
+    run. The row index is counted on the device (a float32 CumSum over ones, exact to 2**24
+    tokens) from `cos` itself: no shape arithmetic on the host, so the graph stays capturable as a
+    CUDA graph."""
+    from onnx import TensorProto
+
+    start, half, last, rows = (g.const(f"rotary.{n}", np.array(v, np.int64)) for n, v in
+                               (("start", [0]), ("half", [head_dim // 2]), ("last", [-1]),
+                                ("rows", [-1, head_dim // 2])))
+    tables = [g.op("Reshape", [g.op("Slice", [t, start, half, last], name=f"{t}/half"), rows], name=f"{t}/table")
+              for t in ("cos", "sin")]
+    one = g.op("Slice", ["cos", start, g.const("rotary.one", np.array([1], np.int64)), last], name="rotary/one_column")
+    ones = g.op("Add", [g.op("Mul", [cast(g, one, np.float32, "rotary/fp32"), g.const("rotary.zero", np.zeros((), np.float32))],
+                             name="rotary/zeros"), g.const("rotary.unit", np.ones((), np.float32))], name="rotary/ones")
+    axis0, axis1 = (g.const(f"rotary.axis{a}", np.array(a, np.int64)) for a in (0, 1))
+    within = g.op("CumSum", [ones, axis1], name="rotary/within_row", exclusive=1)  # s
+    per_row = g.op("ReduceSum", [ones, g.const("rotary.axes1", np.array([1], np.int64))], name="rotary/row_length")
+    before = g.op("CumSum", [per_row, axis0], name="rotary/rows_before", exclusive=1)  # b * S
+    index = g.op("Add", [within, before], name="rotary/index")  # (B, S, 1)
+    index = g.op("Squeeze", [index, g.const("rotary.axes2", np.array([2], np.int64))], name="rotary/index_2d")
+    index = g.op("Cast", [index], name="rotary/index_int64", to=TensorProto.INT64)
+    return index, tables[0], tables[1]
+
+
+def _rotary(g: Graph, x: str, table: tuple[str, str, str], heads: int, name: str) -> str:
+    """x (B, S, heads * D) -> HF's rotate-half rotary with each token's own angles (`_rotary_table`)."""
+    index, cos, sin = table
+    return g.op("RotaryEmbedding", [x, index, cos, sin], domain=MS_DOMAIN, name=name, num_heads=heads, interleaved=0)
 
 
 def _text_config(model):
@@ -117,10 +150,7 @@ def build_decoder_graph(model, deepstack_taps: int, float_type: str = "fp32"):
     q_heads = g.const("shape.q_heads", np.array([0, 0, heads, head_dim], np.int64))
     kv_heads_shape = g.const("shape.kv_heads", np.array([0, 0, kv_heads, head_dim], np.int64))
     flat = g.const("shape.flat", np.array([0, 0, -1], np.int64))
-    half = g.const("split.half", np.array([head_dim // 2, head_dim // 2], np.int64))
-    axis2 = g.const("axes.2", np.array([2], np.int64))
-    cos4 = g.op("Unsqueeze", ["cos", axis2], name="cos/unsqueeze")  # (B, S, 1, D): broadcasts over heads
-    sin4 = g.op("Unsqueeze", ["sin", axis2], name="sin/unsqueeze")
+    table = _rotary_table(g, head_dim)
     taps = [g.op("Gather", ["deepstack", g.const(f"tap.{i}", np.array(i, np.int64))], name=f"deepstack/{i}", axis=0)
             for i in range(deepstack_taps)]
 
@@ -130,14 +160,14 @@ def build_decoder_graph(model, deepstack_taps: int, float_type: str = "fp32"):
     for i, layer in enumerate(layers):
         p = f"layers.{i}"
         attn = layer.self_attn
-        q = g.op("Reshape", [linear(g, x, attn.q_proj, f"{p}.q_proj"), q_heads], name=f"{p}.q/to_heads")
-        k = g.op("Reshape", [linear(g, x, attn.k_proj, f"{p}.k_proj"), kv_heads_shape], name=f"{p}.k/to_heads")
+        q = linear(g, x, attn.q_proj, f"{p}.q_proj")
+        k = linear(g, x, attn.k_proj, f"{p}.k_proj")
         v = linear(g, x, attn.v_proj, f"{p}.v_proj")
         if hasattr(attn, "q_norm"):  # Qwen3-VL: RMSNorm over head_dim of each head, before the rotary
-            q = _rms_norm(g, q, attn.q_norm.weight, eps, f"{p}.q_norm")
-            k = _rms_norm(g, k, attn.k_norm.weight, eps, f"{p}.k_norm")
-        q = _rotary(g, q, cos4, sin4, flat, half, f"{p}.q_rotary")
-        k = _rotary(g, k, cos4, sin4, flat, half, f"{p}.k_rotary")
+            q = _head_norm(g, q, q_heads, flat, attn.q_norm.weight, eps, f"{p}.q_norm")
+            k = _head_norm(g, k, kv_heads_shape, flat, attn.k_norm.weight, eps, f"{p}.k_norm")
+        q = _rotary(g, q, table, heads, f"{p}.q_rotary")
+        k = _rotary(g, k, table, kv_heads, f"{p}.k_rotary")
         outs = [f"{p}.attn/out", f"present_key_{i}", f"present_value_{i}"]
         g.op("GroupQueryAttention", [q, k, v, f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length"],
              outs, domain=MS_DOMAIN, name=f"{p}.attn", num_heads=heads, kv_num_heads=kv_heads,

@@ -4,8 +4,9 @@ Every vision attention layer of Qwen2.5-VL attends inside one temporal patch gro
 full-attention blocks (`fullatt_block_indexes`) use `cu_seqlens` split per grid_t index, and the
 other blocks attend inside square windows (`window_size / patch_size / spatial_merge_size` merged
 units per side) that are laid out per grid_t index too. So a video's groups are independent, and
-the graph takes `patches` (G, S, C*T*P*P) with S = h*w patches of one group, in the processor's
-row order (merge-window row, merge-window col, then the 2x2 inside the window), and returns
+the graph takes `patches` (G, S, C*T*P*P) uint8 levels (normalized in the graph by a table lookup,
+`onnx_graph.patch_embed`) with S = h*w patches of one group, in the processor's row order
+(merge-window row, merge-window col, then the 2x2 inside the window), and returns
 `features` (G, S/4, out_hidden) in that same (merged) order: HF's `pooler_output` after its
 `reverse_indices` gather.
 
@@ -21,7 +22,7 @@ zeros). The full-attention blocks attend over the whole group without a mask.
 
 The 2D rotary tables `cos`, `sin` (S, head_dim) are also computed outside the graph, in the
 processor's order. The data they need (the rotary inverse frequencies) is written next to the graph
-as `<name>.npz`, with the few config numbers the runtime needs.
+as `<name>.npz`, with the few config numbers the runtime needs and the normalization table.
 
 The graph is built node by node from ONNX Runtime's fused operators (`export/onnx_graph.py`), as
 Qwen3-VL's: per block a fused residual-add + RMSNorm, the rotary in float32, MultiHeadAttention
@@ -41,6 +42,7 @@ from edgejudge.export import onnx_io
 from edgejudge.export.onnx_graph import (
     Graph, cast, linear, merged_rows, merger_mlp, patch_embed, tensor_type, vision_blocks, vision_rotary,
 )
+from edgejudge.runtime.preprocess import VisionPreprocessing, normalize_table
 
 INPUT_NAMES = ("patches", "window_mask", "cos", "sin")
 OUTPUT_NAMES = ("features",)
@@ -68,7 +70,7 @@ def _block_mlp(g: Graph, x: str, block, name: str):
     return linear(g, gated, mlp.down_proj, f"{name}.down_proj", bias=False), mlp.down_proj.bias
 
 
-def build_vision_graph(visual: nn.Module, float_type=np.float32):
+def build_vision_graph(visual: nn.Module, pp: VisionPreprocessing, float_type=np.float32):
     """The ModelProto of HF's `Qwen2_5_VisionTransformerPretrainedModel` on a batch of independent
     temporal-patch groups."""
     from onnx import TensorProto, helper
@@ -79,7 +81,7 @@ def build_vision_graph(visual: nn.Module, float_type=np.float32):
     hidden, heads, merge = config.hidden_size, config.num_heads, config.spatial_merge_size
     head_dim, fullatt = hidden // heads, {int(i) for i in config.fullatt_block_indexes}
     g = Graph(float_type)
-    x = patch_embed(g, visual.patch_embed.proj)
+    x = patch_embed(g, visual.patch_embed.proj, pp)
     # the window mask as MultiHeadAttention's (1, 1, S, S) bias in the float type; in fp16 float32's
     # lowest becomes fp16's lowest rather than -inf: either gives exp() = 0 against the unmasked keys
     mask = "window_mask"
@@ -94,7 +96,7 @@ def build_vision_graph(visual: nn.Module, float_type=np.float32):
                           "merger")
     g.op("Identity", [features], ["features"], name="features")
     patch_dim = _config_int(config, "in_channels", "in_chans") * config.temporal_patch_size * config.patch_size**2
-    inputs = [helper.make_tensor_value_info("patches", TensorProto.FLOAT, ["groups", "patches_per_group", patch_dim]),
+    inputs = [helper.make_tensor_value_info("patches", TensorProto.UINT8, ["groups", "patches_per_group", patch_dim]),
               helper.make_tensor_value_info("window_mask", TensorProto.FLOAT, ["patches_per_group", "patches_per_group"]),
               helper.make_tensor_value_info("cos", TensorProto.FLOAT, ["patches_per_group", head_dim]),
               helper.make_tensor_value_info("sin", TensorProto.FLOAT, ["patches_per_group", head_dim])]
@@ -103,8 +105,9 @@ def build_vision_graph(visual: nn.Module, float_type=np.float32):
     return g.model("qwen2_5_vl_vision", inputs, outputs)
 
 
-def sidecar_arrays(visual: nn.Module) -> dict[str, np.ndarray]:
-    """What the torch-free runtime needs to build `window_mask`, `cos` and `sin` for a grid."""
+def sidecar_arrays(visual: nn.Module, pp: VisionPreprocessing) -> dict[str, np.ndarray]:
+    """What the torch-free runtime needs to build `window_mask`, `cos` and `sin` for a grid, and the
+    normalization table (its `encode` turns HF's float pixel values back into levels)."""
     config = visual.config
     in_channels = _config_int(config, "in_channels", "in_chans")
     return {
@@ -116,6 +119,7 @@ def sidecar_arrays(visual: nn.Module) -> dict[str, np.ndarray]:
         "patch_dim": np.int64(in_channels * config.temporal_patch_size * config.patch_size**2),
         "head_dim": np.int64(config.hidden_size // config.num_heads),
         "out_hidden_size": np.int64(config.out_hidden_size),
+        "normalize_table": normalize_table(pp),
     }
 
 
@@ -123,11 +127,14 @@ def load_visual(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> nn
     return onnx_io.load_visual(Path(model_dir), "qwen2_5_vl", dtype)
 
 
-def export_vision_onnx(model_dir: str | Path, out_path: str | Path, dtype: torch.dtype = torch.float32,
-                       visual: nn.Module | None = None) -> Path:
+def export_vision_onnx(model_dir: str | Path | None, out_path: str | Path, dtype: torch.dtype = torch.float32,
+                       visual: nn.Module | None = None, pp: VisionPreprocessing | None = None) -> Path:
     """Write `out_path` (+ `.onnx.data` weights, + `.npz` runtime tables) for the model's vision tower,
-    in `dtype` (fp32 or fp16; the rotary, the attention softmax and the RMSNorms compute in fp32)."""
+    in `dtype` (fp32 or fp16; the rotary, the attention softmax and the RMSNorms compute in fp32).
+    `visual` and `pp` (the processor constants, whose normalization the graph does) default to
+    `model_dir`'s."""
     visual = load_visual(model_dir, dtype) if visual is None else visual.to(dtype)
+    pp = VisionPreprocessing.from_model_dir(model_dir) if pp is None else pp
     float_type = np.float16 if dtype == torch.float16 else np.float32
-    return onnx_io.export_vision(build_vision_graph(visual, float_type), Path(out_path), "qwen2_5_vl.vision",
-                                 visual.config, sidecar_arrays(visual))
+    return onnx_io.export_vision(build_vision_graph(visual, pp, float_type), Path(out_path), "qwen2_5_vl.vision",
+                                 visual.config, sidecar_arrays(visual, pp))

@@ -253,6 +253,7 @@ class TextDecoder:
         self.cache_rows: ort.InferenceSession | None = None  # opened by the first repeat_cache
         self.fixed: tuple[tuple, FixedStep] | None = None  # the bound step and the cache buffers it is bound to
         self.graphs_captured = 0
+        self.last_rotary: tuple[np.ndarray, tuple[np.ndarray, np.ndarray]] | None = None  # positions, (cos, sin)
 
     # -- inputs ---------------------------------------------------------------------------------
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
@@ -263,7 +264,15 @@ class TextDecoder:
         return np.asarray(self.embed_table[ids], self.dtype)
 
     def cos_sin(self, position_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return mrope_cos_sin(position_ids, self.rope)
+        """`mrope_cos_sin` for this decoder, read-only. The last positions' tables are kept: a
+        control loop prefills the same prompt every decision (W1: 4.7 ms a decision on the H100
+        host for 2 x 1874 tokens)."""
+        positions = np.asarray(position_ids)
+        if self.last_rotary is not None and np.array_equal(self.last_rotary[0], positions):
+            return self.last_rotary[1]
+        tables = mrope_cos_sin(positions, self.rope)
+        self.last_rotary = (positions.copy(), tables)
+        return tables
 
     def multimodal_embeds(self, input_ids: np.ndarray, vision_token_id: int, visual: VisualRows):
         """The decoder's inputs for a prompt batch, as OrtValues on the device: token embeddings
@@ -428,18 +437,41 @@ class TextDecoder:
         return outputs[0]
 
     def prefill(self, inputs_embeds, cos: np.ndarray, sin: np.ndarray, deepstack=None,
-                capacity: int | None = None, on_device: bool = False):
+                capacity: int | None = None, on_device: bool = False, keep_cache: bool = True):
         """Run the prompt from an empty cache with room for `capacity` tokens (give prompt + tokens
         to come so the steps write in place): the (B, S, hidden) final-norm hidden states, as numpy
         or, with `on_device`, as the OrtValue on the device (for `logits`). `inputs_embeds` and
         `deepstack`: numpy or OrtValues on the device (`multimodal_embeds`).
         Without `capacity` the cache is the prompt's, allocated by the run itself (ORT's path for a
         full buffer, from an empty one): its exact size, in the session's arena, not in the
-        Python-side one that `reset` allocates from, which grows by powers of two."""
+        Python-side one that `reset` allocates from, which grows by powers of two.
+        `keep_cache=False`, for a prefill whose logits are all that is read (no step follows): every
+        layer writes its keys and values into one shared pair of buffers, each layer's attention
+        done before the next layer overwrites them, so the run holds one layer's cache instead of
+        all of them (W1 on Qwen3-VL-4B: 14 MB instead of 0.51 GiB), and no cache is left after it."""
         b, s = shape_of(inputs_embeds)[:2]
-        self.reset(b, max(s, capacity) if capacity else 0)
+        if keep_cache:
+            self.reset(b, max(s, capacity) if capacity else 0)
+        elif capacity is not None:
+            raise InputError("a prefill that keeps no cache takes no capacity")
+        else:
+            self._one_layer_cache(b, s)
         hidden = self._run(inputs_embeds, cos, sin, deepstack)
+        if not keep_cache:
+            self.past, self.past_length, self.batch = [], 0, 0
         return hidden if on_device else hidden.numpy()
+
+    def _one_layer_cache(self, batch: int, tokens: int) -> None:
+        """One key and one value buffer of `tokens` tokens, bound as every layer's past and present
+        (`prefill(keep_cache=False)`). The layers run one after another, so layer i + 1 writes its
+        keys and values over layer i's only after layer i's attention has read them."""
+        import onnxruntime as ort
+
+        shape = [batch, self.num_kv_heads, tokens, self.head_dim]
+        key, value = (ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device, self.device_id)
+                      for _ in range(2))
+        self.past, self.fixed = [(key, value)] * self.num_layers, None
+        self.past_length, self.batch = 0, batch
 
     def step(self, inputs_embeds, cos: np.ndarray, sin: np.ndarray, deepstack=None, on_device: bool = False):
         """Extend the cached sequence by S >= 1 tokens (no DeepStack unless given): (B, S, hidden),

@@ -4,7 +4,8 @@ cache and greedy decoding. numpy + onnxruntime only: this ships to the robot.
 - Candidate labels: the shared prompt is prefilled once per view; each label's first token is
   scored by the prompt's last logits. When one label has more than one token (RoboCasa's "not
   complete"), the prefill carries its tokens after the prompt: one forward scores every label,
-  and no cache outlives it. Labels of more than one token otherwise run as one batch on the
+  and no cache outlives it (its layers share one layer's worth of KV buffers:
+  `TextDecoder.prefill(keep_cache=False)`). Labels of more than one token otherwise run as one batch on the
   prefilled KV cache, repeated on the device once per such label (one step for labels of up to
   two tokens); shorter labels are padded at the end. Causal attention keeps every position blind
   to what follows it, so this equals scoring each label with its own full forward.
@@ -38,7 +39,7 @@ import numpy as np
 from edgejudge.errors import InputError
 from edgejudge.runtime import model as runtime_model
 from edgejudge.runtime.decoder import TextDecoder, VisualRows, decode_position_ids
-from edgejudge.runtime.preprocess import preprocess_video
+from edgejudge.runtime.preprocess import preprocess_video_levels
 from edgejudge.runtime.sessions import execution_providers
 from edgejudge.runtime.video import Clip
 from edgejudge.runtime.vision import load_vision_encoder
@@ -46,6 +47,7 @@ from edgejudge.runtime.vision import load_vision_encoder
 VISION_NAME = "vision.onnx"
 CACHE_GROUPS = 128  # 2-frame groups the vision cache keeps by default (W1: two decisions' worth)
 DIGITS = ("1", "2", "3", "4", "5")
+PROMPTS_KEPT = 16  # prompt text sides `Engine.prompt` keeps (a rubric's axes, a batch's views)
 
 
 def device_weight_bytes(folder: Path) -> int:
@@ -91,6 +93,9 @@ def label_positions(arrays: dict, label_ids: np.ndarray) -> tuple[np.ndarray, np
     return ids, positions
 
 
+WORKERS = min(8, os.cpu_count() or 1)  # threads for the per-group host work
+
+
 def _workers() -> ThreadPoolExecutor:
     """Threads for the per-group host work (cache keys, resize and patchify): hashlib, numpy's
     copies and OpenCV release the GIL on buffers this size, and each group is independent. One
@@ -100,7 +105,21 @@ def _workers() -> ThreadPoolExecutor:
 
 @functools.cache
 def _pool_of(pid: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="edgejudge-frames")
+    return ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="edgejudge-frames")
+
+
+def _chunks(items: list, parts: int) -> list[tuple[int, list]]:
+    """(offset, chunk): `items` in at most `parts` contiguous chunks of near-equal length."""
+    size = max(1, -(-len(items) // parts))
+    return [(i, items[i:i + size]) for i in range(0, len(items), size)]
+
+
+def _map_chunks(fn, items: list) -> list:
+    """`fn` over `items` on the worker threads, one contiguous chunk per thread rather than one task
+    per item: W1's 128 small tasks a decision (keys, then patches) contended for the GIL and took
+    25-90 ms of host time on the H100 box for about 10 ms of work."""
+    chunks = _workers().map(lambda chunk: [fn(item) for item in chunk[1]], _chunks(items, WORKERS))
+    return [result for chunk in chunks for result in chunk]
 
 
 def cache_copies(label_ids: list[np.ndarray]) -> int:
@@ -233,12 +252,25 @@ class Engine:
             raise InputError(f"{self.model.path}: the vision graph gives {np.dtype(self.vision.output_type).name}, "
                              f"the decoder takes {np.dtype(self.decoder.dtype).name}")
         self.cache = VisionCache(cache_groups)
+        self._levels: dict[tuple[int, int], np.ndarray] = {}  # (h, w) grid -> reused patch-row buffer
+        self.prompts: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()  # `prompt`'s text sides
         self.groups_encoded = 0  # vision-graph batch rows run so far (cache misses)
         self.eos_ids = eos_token_ids(self.model)
         self.repetition_penalty = float(generation_config(self.model).get("repetition_penalty") or 1.0)
 
     def prompt(self, clips: list[Clip], text: str, system: str | None = None) -> Prompt:
-        return Prompt(runtime_model.prompt_inputs(self.model, clips, text, system), clips)
+        """The prompt's text side depends on the clips' shapes, sampled indices and frame rates,
+        not on their pixels: it is kept per such key, read-only (a control loop asks for the same
+        prompt every decision; W1's two views took 4.7 ms of tokenization and positions a decision
+        on the H100 host)."""
+        key = (text, system, tuple((c.frames.shape, c.indices.tobytes(), c.fps, c.total_frames) for c in clips))
+        arrays = self.prompts.get(key)
+        if arrays is None:
+            arrays = self.prompts[key] = runtime_model.prompt_inputs(self.model, clips, text, system)
+            if len(self.prompts) > PROMPTS_KEPT:
+                self.prompts.popitem(last=False)
+        self.prompts.move_to_end(key)
+        return Prompt(arrays, clips)
 
     def token_ids(self, text: str, what: str) -> np.ndarray:
         ids = self.model.prompter.encode(text)
@@ -263,13 +295,17 @@ class Engine:
         new groups of one target size run as one batch, written into the store's rows."""
         pp = self.model.vision
         tp, patch, merge = pp.temporal_patch_size, pp.patch_size, self.vision.merge
-        pool = _workers()
         with timer("preprocess"):
-            entries = [[(frames[start:start + tp], size) for frames, size in request
-                        for start in range(0, len(frames), tp)] for request in requests]
-            plans = [list(pool.map(lambda entry: VisionCache.key(*entry), request)) for request in entries]
-            groups = {key: entry for request, keys in zip(entries, plans) for entry, key in zip(request, keys)}
-            tokens = {key: (size[0] // patch) * (size[1] // patch) // merge**2 for key, (_, size) in groups.items()}
+            members = [(frames, start, size) for request in requests for frames, size in request
+                       for start in range(0, len(frames), tp)]  # (source frames, first frame, size) per group
+            keys = _map_chunks(lambda m: VisionCache.key(m[0][m[1]:m[1] + tp], m[2]), members)
+            plans, at = [], 0
+            for request in requests:
+                count = sum(-(-len(frames) // tp) for frames, _ in request)
+                plans.append(keys[at:at + count])
+                at += count
+            groups = dict(zip(keys, members))
+            tokens = {key: (size[0] // patch) * (size[1] // patch) // merge**2 for key, (_, _, size) in groups.items()}
             if not self.cache.tables or sum(tokens.values()) > self.cache.capacity:
                 self._new_store(sum(tokens.values()), max(tokens.values(), default=1))
             have = {key: slot for key in groups if (slot := self.cache.get(key)) is not None}
@@ -281,14 +317,13 @@ class Engine:
                 start = self.cache.claim(sum(tokens.values()), [])
             by_size: dict[tuple[int, int], list[tuple]] = {}
             for key in new:
-                by_size.setdefault(groups[key][1], []).append(key)
+                by_size.setdefault(groups[key][2], []).append(key)
             batches, row = [], start
             for (height, width), keys in by_size.items():
-                h, w = height // patch, width // patch
-                patches = np.empty((len(keys), h * w, pp.patch_dim), np.float32)
-                list(pool.map(lambda out, key, size=(height, width):
-                              preprocess_video(groups[key][0], size, pp, out=out), patches, keys))
-                batches.append((patches, h, w, row))
+                patches = self._levels_buffer(len(keys), height // patch, width // patch)
+                list(_workers().map(lambda chunk: self._levels_into(patches[chunk[0]:], [groups[k] for k in chunk[1]]),
+                                    _chunks(keys, WORKERS)))
+                batches.append((patches, height // patch, width // patch, row))
                 for key in keys:
                     have[key] = (row, tokens[key])
                     row += tokens[key]
@@ -299,6 +334,31 @@ class Engine:
             for key in new:
                 self.cache.put(key, have[key])
         return [self._rows([have[key] for key in keys]) for keys in plans]
+
+    def _levels_buffer(self, count: int, h: int, w: int) -> np.ndarray:
+        """(count, h*w, patch_dim) uint8 patch rows for the vision graph, in a buffer kept per grid
+        and reused while it is large enough: a fresh 19 MB array per W1 decision is page faults
+        that the worker threads take one at a time."""
+        shape = (count, h * w, self.model.vision.patch_dim)
+        buffer = self._levels.get((h, w))
+        if buffer is None or len(buffer) < count:
+            buffer = self._levels[(h, w)] = np.empty(shape, np.uint8)
+        return buffer[:count]
+
+    def _levels_into(self, out: np.ndarray, members: list[tuple[np.ndarray, int, tuple[int, int]]]) -> None:
+        """The uint8 patch rows of groups (source frames, first frame, size) into `out`, one call per
+        run of consecutive groups of one source: fewer, longer numpy and OpenCV calls (a run ends
+        at a clip's end, where a short last group is padded as HF pads it)."""
+        pp = self.model.vision
+        tp, first = pp.temporal_patch_size, 0
+        while first < len(members):
+            source, start, size = members[first]
+            end = first + 1
+            while end < len(members) and members[end][0] is source and members[end][1] == members[end - 1][1] + tp:
+                end += 1
+            preprocess_video_levels(source[start:members[end - 1][1] + tp], size, pp,
+                                    out=out[first:end].reshape(-1, pp.patch_dim))
+            first = end
 
     def _new_store(self, rows: int, tokens_per_group: int) -> None:
         """Tables for at least `rows` token rows and room for the cache's `max_groups` groups of
@@ -333,15 +393,16 @@ class Engine:
                          f" for {rows} x {tokens} tokens")
 
     def prefill(self, prompts: list[Prompt], visual: list[VisualRows], capacity: int | None,
-                carried: np.ndarray = np.zeros(0, np.int64)):
+                carried: np.ndarray = np.zeros(0, np.int64), keep_cache: bool = True):
         """Prompts of one length as one batch, each followed by the `carried` tokens, from an empty
-        cache with room for `capacity` tokens (None: just these, `TextDecoder.prefill`): the
-        (B, S, hidden) hidden states as an OrtValue on the device."""
+        cache with room for `capacity` tokens (None: just these; `keep_cache=False`: none kept,
+        `TextDecoder.prefill`): the (B, S, hidden) hidden states as an OrtValue on the device."""
         ids, positions = zip(*(label_positions(p.arrays, carried) for p in prompts))
         embeds, deepstack = self.decoder.multimodal_embeds(np.concatenate(ids), self.model.video_token_id,
                                                            VisualRows.join(visual))
         cos, sin = self.decoder.cos_sin(np.concatenate(positions, axis=1))
-        return self.decoder.prefill(embeds, cos, sin, deepstack, capacity=capacity, on_device=True)
+        return self.decoder.prefill(embeds, cos, sin, deepstack, capacity=capacity, on_device=True,
+                                    keep_cache=keep_cache)
 
     def score_labels(self, prompts: list[Prompt], labels: tuple[str, ...], timer: StageTimer | None = None
                      ) -> np.ndarray:
@@ -361,7 +422,7 @@ class Engine:
         for length, rows in by_length.items():
             with timer("prefill"):
                 hidden = self.prefill([prompts[i] for i in rows], [visual[i] for i in rows],
-                                      length + width if fed_after else None, carried)
+                                      length + width if fed_after else None, carried, keep_cache=fed_after)
             with timer("scoring"):
                 scores[rows] = self._score_batch(hidden, [prompts[i] for i in rows], label_ids, carried)
         return scores

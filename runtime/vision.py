@@ -1,8 +1,9 @@
 """Qwen3-VL's vision encoder on ONNX Runtime, one 2-frame group per batch row (numpy only).
 
-The graph (written by `edgejudge.export.qwen3_vl`) takes `patches` (G, S, patch_dim),
-`pos_embeds` (S, hidden), `cos`, `sin` (S, head_dim) and returns `features` (G, S/4, out) and
-`deepstack` (G, len(indexes), S/4, out). What depends only on the grid (h, w) is built here from
+The graph (written by `edgejudge.export.qwen3_vl`) takes `patches` (G, S, patch_dim) uint8
+levels (`runtime.preprocess.patch_levels`; the graph normalizes them), `pos_embeds` (S, hidden),
+`cos`, `sin` (S, head_dim) and returns `features` (G, S/4, out) and `deepstack`
+(G, len(indexes), S/4, out). What depends only on the grid (h, w) is built here from
 the `.npz` next to the graph, following HF 5.17's computation step for step in float32:
 
 - `pos_embeds`: the learned (side x side) table resampled to (h, w) with bilinear taps,
@@ -15,7 +16,8 @@ the `.npz` next to the graph, following HF 5.17's computation step for step in f
 
 Groups of one video are contiguous runs of h*w rows in `pixel_values_videos`, and each vision
 attention layer stays inside one group, so groups can be encoded separately (and cached) or
-batched, with the same result.
+batched, with the same result. `encode` takes HF's float32 `pixel_values_videos` and turns them
+back into levels exactly (`levels_from_pixel_values`, with the table in the `.npz`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from edgejudge.errors import InputError
+from edgejudge.runtime.preprocess import levels_from_pixel_values
 from edgejudge.runtime.sessions import open_session, release_after_runs, session_device
 
 
@@ -99,7 +102,8 @@ class GroupedVisionGraph:
     """An exported vision graph run one 2-frame group per batch row (every vision attention layer
     stays inside a group, so this is exact and groups can be cached): the shared runner of the
     families' encoders. A family supplies the per-grid tables its graph takes besides `patches`
-    (`_grid_tables`), cached per (h, w) here.
+    (`_grid_tables`), cached per (h, w) here. `patches` are uint8 levels, which the graph
+    normalizes (`runtime.preprocess.patch_levels`).
 
     Every output puts the groups first: (groups, *lead, tokens_per_group, hidden), lead being
     Qwen3-VL's DeepStack taps. A run of consecutive groups is then one contiguous block of each
@@ -119,11 +123,16 @@ class GroupedVisionGraph:
         if any(o.shape[0] != "groups" or o.shape[-2] != "tokens_per_group" for o in outputs):
             raise InputError(f"{self.path}: a vision graph whose outputs do not put the groups first "
                              "(exported by an older edgejudge): export the artifact again")
+        inputs = self.session.get_inputs()
+        if next(i.type for i in inputs if i.name == "patches") != "tensor(uint8)":
+            raise InputError(f"{self.path}: a vision graph that takes float patches, not uint8 levels "
+                             "(exported by an older edgejudge): export the artifact again")
         # (name, leading dims between groups and tokens): each group's block is lead x tokens rows
         self.outputs = [(o.name, tuple(o.shape[1:-2])) for o in outputs]
-        # fp16 graphs take fp16 patches and position embeddings (HF casts to the weights' dtype)
-        # but float32 rotary tables and window bias: each input is cast to the graph's own type
-        self.input_types = {i.name: _numpy_type(i.type) for i in self.session.get_inputs()}
+        # fp16 graphs take fp16 position embeddings (HF casts to the weights' dtype) but float32
+        # rotary tables and window bias: each grid input is cast to the graph's own type
+        self.input_types = {i.name: _numpy_type(i.type) for i in inputs if i.name != "patches"}
+        self.normalize_table = self.tables["normalize_table"]
         self.output_type = _numpy_type(outputs[0].type)
         self.inv_freq = self.tables["inv_freq"].astype(np.float32)
         self.merge = int(self.tables["spatial_merge_size"])
@@ -151,9 +160,12 @@ class GroupedVisionGraph:
         return tuple(self._grid_cache[key].values())
 
     def _runs(self, patches: np.ndarray, h: int, w: int):
-        """(first group, feed, run options) of each run over (G, h*w, patch_dim) groups: at most
-        `max_groups` (default PATCHES_PER_RUN rows) a run; the last run hands the arena back."""
-        patches = np.ascontiguousarray(patches, dtype=self.input_types["patches"])
+        """(first group, feed, run options) of each run over (G, h*w, patch_dim) groups of uint8
+        levels: at most `max_groups` (default PATCHES_PER_RUN rows) a run; the last run hands the
+        arena back."""
+        if patches.dtype != np.uint8:  # HF's float pixel values go through `encode`
+            raise InputError(f"patches must be uint8 levels (runtime.preprocess.patch_levels), not {patches.dtype}")
+        patches = np.ascontiguousarray(patches)
         if patches.ndim != 3 or patches.shape[1] != h * w or patches.shape[2] != self.patch_dim:
             raise InputError(f"patches of shape {patches.shape} do not fit a {h}x{w} grid of {self.patch_dim}-value patches")
         self.grid_inputs(h, w)
@@ -164,12 +176,12 @@ class GroupedVisionGraph:
                 for i in starts]
 
     def run_groups(self, patches: np.ndarray, h: int, w: int) -> list[np.ndarray]:
-        """Each output for (G, h*w, patch_dim) groups of one grid, as numpy in the graph's layout."""
+        """Each output for (G, h*w, patch_dim) uint8 groups of one grid, as numpy in the graph's layout."""
         runs = [self.session.run(None, feed, options) for _, feed, options in self._runs(patches, h, w)]
         return [np.concatenate([run[k] for run in runs]) for k in range(len(self.outputs))]
 
     def run_into(self, patches: np.ndarray, h: int, w: int, tables: list, row: int) -> None:
-        """Run (G, h*w, patch_dim) groups of one grid and write each output where `tables` (per
+        """Run (G, h*w, patch_dim) uint8 groups of one grid and write each output where `tables` (per
         output, an OrtValue of (rows x rows_per_token, out_hidden) on this session's device) hold
         them: the G groups' tokens on rows row .. row + G*tokens, as in the graph's layout."""
         tokens = h * w // self.merge**2
@@ -186,20 +198,22 @@ class GroupedVisionGraph:
             self.session.run_with_iobinding(binding, options)
 
     def _encode(self, pixel_values_videos: np.ndarray, video_grid_thw: np.ndarray) -> list[np.ndarray]:
-        """The processor's (N, patch_dim) rows -> each output with groups and tokens merged into
-        the N/4 merged tokens ((*lead, N/4, out)), in HF's row order (a group's rows are contiguous there)."""
+        """The processor's (N, patch_dim) float32 rows -> each output with groups and tokens merged
+        into the N/4 merged tokens ((*lead, N/4, out)), in HF's row order (a group's rows are
+        contiguous there)."""
         pixels = np.asarray(pixel_values_videos, dtype=np.float32)
         grids = np.asarray(video_grid_thw, dtype=np.int64).reshape(-1, 3)
         total = int(np.prod(grids, axis=1).sum())
         if pixels.ndim != 2 or pixels.shape != (total, self.patch_dim):
             raise InputError(f"pixel_values_videos of shape {pixels.shape} does not match video_grid_thw "
                              f"({total} patches of {self.patch_dim} values)")
+        levels = levels_from_pixel_values(pixels, self.normalize_table)
         per_output: list[list[np.ndarray]] = [[np.zeros((*lead, 0, self.out_hidden), self.output_type)]
                                               for _, lead in self.outputs]
         start = 0
         for t, h, w in grids.tolist():
             n = t * h * w
-            for parts, out in zip(per_output, self.run_groups(pixels[start:start + n].reshape(t, h * w, self.patch_dim),
+            for parts, out in zip(per_output, self.run_groups(levels[start:start + n].reshape(t, h * w, self.patch_dim),
                                                               h, w)):
                 # (G, *lead, tokens, out) -> (*lead, G * tokens, out)
                 parts.append(np.moveaxis(out, 0, -3).reshape(*out.shape[1:-2], -1, self.out_hidden))
@@ -222,13 +236,13 @@ class VisionEncoder(GroupedVisionGraph):
                 "cos": cos, "sin": sin}
 
     def encode_groups(self, patches: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-        """Run (G, h*w, patch_dim) groups of one grid: features (G, h*w/4, out), deepstack (G, D, h*w/4, out)."""
+        """Run (G, h*w, patch_dim) uint8 groups of one grid: features (G, h*w/4, out), deepstack (G, D, h*w/4, out)."""
         features, deepstack = self.run_groups(patches, h, w)
         return features, deepstack
 
     def encode(self, pixel_values_videos: np.ndarray, video_grid_thw: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        """(features (N/4, out), [deepstack (N/4, out) per tap]): what `model.model.visual(...)`
-        returns as pooler_output and deepstack_features."""
+        """(features (N/4, out), [deepstack (N/4, out) per tap]) of HF's float32 pixel values: what
+        `model.model.visual(...)` returns as pooler_output and deepstack_features."""
         features, deepstack = self._encode(pixel_values_videos, video_grid_thw)
         return features, list(deepstack)
 

@@ -1,8 +1,9 @@
 """Qwen2.5-VL's vision encoder on ONNX Runtime, one 2-frame group per batch row (numpy only).
 
-The graph (written by `edgejudge.export.qwen2_5_vl`) takes `patches` (G, S, patch_dim),
-`window_mask` (S, S), `cos`, `sin` (S, head_dim) and returns `features` (G, S/4, out), all in the
-processor's row order. What depends only on the grid (h, w) is built here from the `.npz` next to
+The graph (written by `edgejudge.export.qwen2_5_vl`) takes `patches` (G, S, patch_dim) uint8
+levels (`edgejudge.runtime.preprocess.patch_levels`; the graph normalizes them), `window_mask`
+(S, S), `cos`, `sin` (S, head_dim) and returns `features` (G, S/4, out), all in the processor's
+row order. What depends only on the grid (h, w) is built here from the `.npz` next to
 the graph, following HF 5.17:
 
 - `window_index`, `cu_window_seqlens`: `transformers.vision_utils.get_vision_window_index` step
@@ -95,10 +96,10 @@ class VisionEncoder(GroupedVisionGraph):
         return {"window_mask": window_mask(h, w, self.merge, self.window_size, self.patch_size), "cos": cos, "sin": sin}
 
     def encode_groups(self, patches: np.ndarray, h: int, w: int) -> np.ndarray:
-        """Run (G, h*w, patch_dim) groups of one grid: features (G, h*w/4, out)."""
+        """Run (G, h*w, patch_dim) uint8 groups of one grid: features (G, h*w/4, out)."""
         return self.run_groups(patches, h, w)[0]
 
     def encode(self, pixel_values_videos: np.ndarray, video_grid_thw: np.ndarray) -> tuple[np.ndarray, list]:
-        """(features (N/4, out), []): what `model.model.visual(...)` returns as pooler_output, and
-        no DeepStack taps (the same shape of answer as Qwen3-VL's encoder)."""
+        """(features (N/4, out), []) of HF's float32 pixel values: what `model.model.visual(...)`
+        returns as pooler_output, and no DeepStack taps (the same shape of answer as Qwen3-VL's encoder)."""
         return self._encode(pixel_values_videos, video_grid_thw)[0], []

@@ -85,6 +85,8 @@ def test_graph_uses_fused_ops(exported, tiny):
     gqa = [n for n in proto.graph.node if n.op_type == "GroupQueryAttention"]
     assert len(gqa) == tc.num_hidden_layers and all(n.domain == "com.microsoft" for n in gqa)
     assert all(a.i == 0 for n in gqa for a in n.attribute if a.name == "do_rotary")
+    rotary = [n for n in proto.graph.node if n.op_type == "RotaryEmbedding"]
+    assert len(rotary) == 2 * tc.num_hidden_layers and not ops & {"Split", "Neg", "Concat"}  # no rotate-half chain
     assert not ops & {"Softmax", "LayerNormalization", "ReduceMean", "Pow", "Sqrt"}  # nothing unfused
     # no full-vocab tensor anywhere in the decoder: not among the weights, not among the outputs
     for init in proto.graph.initializer:
@@ -302,6 +304,25 @@ def _full_forward_logits(decoder: TextDecoder, ids: np.ndarray) -> np.ndarray:
     return decoder.logits(decoder.prefill(decoder.embed(ids), cos, sin))
 
 
+def test_batch_rows_keep_their_own_positions(exported):
+    """Rows of one prefill at different M-RoPE positions (text positions, and video-like ones whose
+    three axes differ) each equal their own prefill alone: every token reads its own row of the
+    rotary tables."""
+    decoder = exported[1]
+    ids = np.random.default_rng(4).integers(0, 1400, (2, 11))
+    index = np.arange(11)
+    positions = np.stack([np.stack([index, index, index]), np.stack([index // 4, index % 4 // 2, index % 2])], axis=1)
+
+    def last_logits(rows: np.ndarray, row_positions: np.ndarray) -> np.ndarray:
+        cos, sin = decoder.cos_sin(row_positions)
+        return decoder.logits(decoder.prefill(decoder.embed(rows), cos, sin))[:, -1]
+
+    together = last_logits(ids, positions)
+    alone = np.concatenate([last_logits(ids[r:r + 1], positions[:, r:r + 1]) for r in range(2)])
+    assert np.abs(last_logits(ids[1:], positions[:, :1]) - alone[1]).max() > 1e-3  # the positions matter
+    np.testing.assert_allclose(together, alone, rtol=0, atol=1e-5)
+
+
 def test_repeat_cache_on_device(exported):
     """Two prompts prefilled together, their cache repeated 3x by cache_rows.onnx on the device
     (row r -> rows 3r..3r+2), six different next tokens: each row equals the full forward of its
@@ -343,6 +364,23 @@ def test_prefill_without_capacity_allocates_its_cache(exported):
     assert decoder.capacity == 10
     decoder.repeat_cache(2)
     assert decoder.cache_rows is not None and decoder.cache_shape()[0] == 4
+
+
+def test_prefill_keeping_no_cache(exported):
+    """A prefill whose layers share one pair of KV buffers gives every position's logits of the
+    ordinary prefill (each layer's attention reads its own keys before the next layer writes), and
+    leaves no cache to step on."""
+    decoder = TextDecoder(exported[0])
+    ids = np.random.default_rng(5).integers(0, 1400, (2, 10))
+    cos, sin = decoder.cos_sin(decode_position_ids(0, ids.shape[1], np.zeros((1, 1), np.int64), len(ids)))
+    reference = decoder.logits(decoder.prefill(decoder.embed(ids), cos, sin))
+    shared = decoder.logits(decoder.prefill(decoder.embed(ids), cos, sin, keep_cache=False))
+    np.testing.assert_allclose(shared, reference, rtol=0, atol=1e-6)
+    assert not decoder.past and decoder.cache_shape()[0] == 0
+    with pytest.raises(InputError, match="before prefill"):
+        decoder.step(decoder.embed(ids[:, :1]), cos[:, :1], sin[:, :1])
+    with pytest.raises(InputError, match="takes no capacity"):
+        decoder.prefill(decoder.embed(ids), cos, sin, capacity=12, keep_cache=False)
 
 
 def test_snapshot_restore(exported):

@@ -96,7 +96,8 @@ def spy(monkeypatch, obj, name: str, record) -> list:
                          ids=["two-multi-token-labels", "one-multi-token-label", "one-token-labels"])
 def test_batched_labels_equal_own_forward(judge, monkeypatch, labels):
     """Whatever the labels' lengths (the cache copied per label of several tokens, the only one
-    carried by the prefill, or none), the scores equal each label's own forward."""
+    carried by the prefill, or none, both keeping no cache), the scores equal each label's own
+    forward."""
     engine = judge.engine
     clips = [read_video(frames(1)), read_video(frames(2))]
     prompts = [engine.prompt([c], TEXT) for c in clips]
@@ -113,7 +114,8 @@ def test_batched_labels_equal_own_forward(judge, monkeypatch, labels):
         assert prefills == [(2, length + width)] and steps == []
     else:  # all fed rows together, one step per label position
         assert prefills == [(2, length)] and steps == [(2 * fed, 1)] * width
-    assert engine.decoder.capacity == length + width  # no room left over
+    # a cache is kept only when label tokens are fed after the prefill, with no room left over
+    assert engine.decoder.capacity == (length + width if fed > 1 else 0)
     assert repeats == ([fed] if fed > 1 else [])
     monkeypatch.undo()
     reference = np.array([own_forward_scores(judge, c, labels) for c in clips])
@@ -153,16 +155,17 @@ def test_views_of_different_lengths(judge, monkeypatch):
 
 def test_vision_cache_sliding_window(artifact, monkeypatch):
     """A robot stream: each step appends 2 frames and drops 2. The cached judge encodes only the
-    new group per view, and gives the uncached judge's features and scores bit for bit."""
+    new group per view (uploaded as uint8 levels), and gives the uncached judge's features and
+    scores bit for bit, and those of HF's float pixel values."""
     cached, uncached = Judge.load(artifact, cache_groups=64), Judge.load(artifact, cache_groups=0)
     stream = {"right": frames(7, count=14), "left": frames(8, count=14)}
-    rows = spy(monkeypatch, cached.engine.vision, "run_into", lambda patches, *_: patches.shape[0])
+    rows = spy(monkeypatch, cached.engine.vision, "run_into", lambda patches, *_: (patches.shape[0], patches.dtype))
     for step, start in enumerate(range(0, 7, 2)):
         window = {name: f[start:start + 8] for name, f in stream.items()}
         a = cached.check(INSTRUCTION, window, sample="none")
         b = uncached.check(INSTRUCTION, window, sample="none")
         assert a.views == b.views and a.scores == b.scores
-        assert rows[-1] == (8 if step == 0 else 2)  # 4 groups per view, then 1 new group per view
+        assert rows[-1] == (8 if step == 0 else 2, np.uint8)  # 4 groups per view, then 1 new group per view
     assert len(rows) == 4 and cached.engine.groups_encoded == 8 + 3 * 2
     assert uncached.engine.groups_encoded == 4 * 8
     # the cached features are what the whole clip's encoding gives, bit for bit

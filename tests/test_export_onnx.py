@@ -93,6 +93,7 @@ QUANTIZED = {  # options -> (bit widths expected in the decoder, max label-NLL e
     ("int4", "--activations", "fp32", "--asymmetric"): ({4}, 0.2),
     ("int4", "--algorithm", "k_quant"): ({4}, 0.2),
     ("int4", "--int8-last-layers", "1", "--lm-head-bits", "8"): ({4, 8}, 0.2),
+    ("int4", "--lm-head-bits", "8", "--vision-bits", "8"): ({4}, 0.2),  # the bench's int4 artifact
 }
 
 
@@ -115,6 +116,10 @@ def test_quantized_decoder_reports_its_error(exported, options, tmp_path):
     assert bits == expected_bits, precision
     head_ops = {n.op_type for n in onnx.load(str(out / "lm_head.onnx"), load_external_data=False).graph.node}
     assert ("MatMulNBits" in head_ops) == ("--lm-head-bits" in options)
+    vision = onnx.load(str(out / "vision.onnx"), load_external_data=False)
+    vision_bits = {a.i for n in vision.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+    assert vision_bits == ({8} if "--vision-bits" in options else set())
+    assert ("MatMul" in {n.op_type for n in vision.graph.node}) == ("--vision-bits" not in options)
     float_type = "fp32" if "fp32" in options else "fp16"
     size = (out / "decoder.onnx.data").stat().st_size
     reference = (tmp / float_type / "decoder.onnx.data").stat().st_size
@@ -160,6 +165,9 @@ def test_onnx_export_refusals(tmp_path, capsys):
     assert "ONNX export supports qwen3_vl, qwen2_5_vl so far, not qwen3_5" in capsys.readouterr().err
     assert main(["export", "--base", str(tiny_model_dir("qwen3_vl")), "--format", "onnx", "--precision", "fp16",
                  "--lm-head-bits", "8", "--out", str(tmp_path / "b")]) == 2
+    assert "apply to int8/int4, not fp16" in capsys.readouterr().err
+    assert main(["export", "--base", str(tiny_model_dir("qwen3_vl")), "--format", "onnx", "--precision", "fp16",
+                 "--vision-bits", "8", "--out", str(tmp_path / "b")]) == 2
     assert "apply to int8/int4, not fp16" in capsys.readouterr().err
     assert main(["export", "--base", str(tiny_model_dir("qwen3_vl")), "--format", "bnb", "--precision", "fp16",
                  "--out", str(tmp_path / "c")]) == 2

@@ -1,9 +1,11 @@
 """Qwen3-VL's vision tower as ONNX, one 2-frame group per batch row: ONNX Runtime (CPU, fp32)
 against HF's `model.model.visual(pixel_values_videos, grid_thw=video_grid_thw)` on the tiny model,
-DeepStack features included."""
+DeepStack features included. The graph takes uint8 levels and normalizes them by a lookup that
+gives the processor's float values bit for bit, in fp32 and fp16."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -13,10 +15,12 @@ import pytest
 import torch
 from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
 
+from edgejudge.errors import InputError
 from edgejudge.export.fixtures import tiny_model_dir
 from edgejudge.export.onnx_io import IR_VERSION, OPSET
 from edgejudge.export.qwen3_vl import export_vision_onnx, load_visual
 from edgejudge.runtime import model as runtime_model
+from edgejudge.runtime.preprocess import VisionPreprocessing, levels_from_pixel_values, patch_levels, patchify
 from edgejudge.runtime.video import read_video
 from edgejudge.runtime.vision import VisionEncoder, position_embeddings, rotary_tables
 
@@ -66,6 +70,7 @@ def test_graph_signature(exported, tiny):
     assert graph.ir_version == IR_VERSION
     assert {o.domain: o.version for o in graph.opset_import}[""] == OPSET
     assert [i.name for i in graph.graph.input] == ["patches", "pos_embeds", "cos", "sin"]
+    assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert [o.name for o in graph.graph.output] == ["features", "deepstack"]
     deepstack = graph.graph.output[1].type.tensor_type.shape.dim
     assert deepstack[0].dim_param == "groups" and deepstack[1].dim_value == len(config.deepstack_visual_indexes)
@@ -133,7 +138,7 @@ def test_groups_encode_independently(tiny, exported):
     _, encoder = exported
     arrays = _inputs(tiny[0], [(8, 64, 96)], seed=3)
     t, h, w = arrays["video_grid_thw"][0].tolist()
-    groups = arrays["pixel_values_videos"].reshape(t, h * w, -1)
+    groups = levels_from_pixel_values(arrays["pixel_values_videos"], encoder.normalize_table).reshape(t, h * w, -1)
     batched_f, batched_d = encoder.encode_groups(groups, h, w)
     for g in range(t):
         alone_f, alone_d = encoder.encode_groups(groups[g:g + 1], h, w)
@@ -150,14 +155,19 @@ def test_groups_encode_independently(tiny, exported):
     np.testing.assert_allclose(np.stack(d), np.moveaxis(batched_d, 0, 1).reshape(len(d), *f.shape), rtol=0, atol=1e-6)
 
 
-def test_shape_mismatch_is_an_input_error(exported):
-    from edgejudge.errors import InputError
+def _level_zero_pixels(encoder, rows: int) -> np.ndarray:
+    """(rows, patch_dim) pixel values the processor gives for black frames."""
+    return np.tile(np.repeat(encoder.normalize_table[:, 0], encoder.patch_dim // 3), (rows, 1))
 
+
+def test_shape_mismatch_is_an_input_error(exported):
     _, encoder = exported
-    with pytest.raises(InputError):
-        encoder.encode(np.zeros((15, encoder.patch_dim), np.float32), np.array([[1, 4, 4]]))
-    with pytest.raises(InputError):  # a grid side that is not a multiple of the merge size
-        encoder.encode(np.zeros((18, encoder.patch_dim), np.float32), np.array([[1, 3, 6]]))
+    with pytest.raises(InputError, match="does not match video_grid_thw"):
+        encoder.encode(_level_zero_pixels(encoder, 15), np.array([[1, 4, 4]]))
+    with pytest.raises(InputError, match="merge size"):
+        encoder.encode(_level_zero_pixels(encoder, 18), np.array([[1, 3, 6]]))
+    with pytest.raises(InputError, match="uint8 levels"):  # float pixel values where levels go
+        encoder.encode_groups(_level_zero_pixels(encoder, 16)[None], 4, 4)
     features, deepstack = encoder.encode(np.zeros((0, encoder.patch_dim), np.float32), np.zeros((0, 3), np.int64))
     assert features.shape == (0, encoder.out_hidden) and len(deepstack) == len(encoder.deepstack_indexes)
 
@@ -168,11 +178,64 @@ def test_vision_runtime_imports_no_torch(exported):
         "import sys, numpy as np\n"
         "from edgejudge.runtime.vision import VisionEncoder\n"
         f"enc = VisionEncoder({str(path)!r})\n"
-        "f, d = enc.encode(np.zeros((16, enc.patch_dim), np.float32), np.array([[1, 4, 4]]))\n"
-        "assert f.shape == (4, enc.out_hidden) and len(d) == len(enc.deepstack_indexes)\n"
+        "f, d = enc.encode_groups(np.zeros((1, 16, enc.patch_dim), np.uint8), 4, 4)\n"
+        "assert f.shape == (1, 4, enc.out_hidden) and d.shape[1] == len(enc.deepstack_indexes)\n"
         "bad = [m for m in ('torch', 'transformers', 'peft', 'onnx') if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "", f"the vision runtime imported {proc.stdout.strip()}"
+
+
+def test_encode_takes_only_processor_values(exported, tiny):
+    """`encode` turns HF's float pixel values back into levels: exactly, so the features are those
+    of the levels themselves; a value no level normalizes to is refused."""
+    _, encoder = exported
+    arrays = _inputs(tiny[0], [(2, 64, 96)], seed=5)
+    pixels, grid = arrays["pixel_values_videos"], arrays["video_grid_thw"]
+    _, h, w = grid[0].tolist()
+    features, _ = encoder.encode(pixels, grid)
+    levels = levels_from_pixel_values(pixels, encoder.normalize_table)
+    np.testing.assert_array_equal(features, encoder.encode_groups(levels[None], h, w)[0][0])
+    off_table = pixels.copy()
+    off_table[0, 0] = np.nextafter(off_table[0, 0], np.float32(0))
+    with pytest.raises(InputError, match="no uint8 level"):
+        encoder.encode(off_table, grid)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_graph_lookup_is_patchify_bit_for_bit(tiny, tmp_path, dtype):
+    """The graph's normalized patches (the Gather feeding the patch embedding) equal the
+    processor's float32 values cast to the graph's float type, bit for bit."""
+    import onnxruntime as ort
+
+    model_dir = tiny[0]
+    pp = VisionPreprocessing.from_model_dir(model_dir)
+    path = export_vision_onnx(model_dir, tmp_path / "vision.onnx", dtype, visual=load_visual(model_dir))
+    proto = onnx.load(str(path))
+    lookup = next(n for n in proto.graph.node if n.op_type == "Gather").output[0]
+    float_type = onnx.TensorProto.FLOAT16 if dtype == torch.float16 else onnx.TensorProto.FLOAT
+    proto.graph.output.append(onnx.helper.make_tensor_value_info(lookup, float_type, None))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    frames = np.random.default_rng(0).integers(0, 256, (2, 4 * pp.factor, 2 * pp.factor, 3), dtype=np.uint8)
+    levels, (_, h, w) = patch_levels(frames, pp)
+    encoder = VisionEncoder(path)
+    feed = dict(zip(encoder.input_types, encoder.grid_inputs(h, w)), patches=levels[None])
+    looked_up = session.run([lookup], feed)[0][0]
+    expected = patchify(frames, pp)[0].astype(np.float16 if dtype == torch.float16 else np.float32)
+    assert looked_up.dtype == expected.dtype
+    np.testing.assert_array_equal(looked_up.view(np.uint8), expected.view(np.uint8))
+
+
+def test_float_patch_graph_is_refused(exported, tmp_path):
+    """A graph exported before the graph took uint8 levels: a one-line InputError, not a type
+    error from ONNX Runtime at the first run."""
+    path, _ = exported
+    proto = onnx.load(str(path), load_external_data=False)
+    proto.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT  # the Cast takes floats too
+    onnx.save(proto, str(tmp_path / path.name))
+    for suffix in (".onnx.data", ".npz"):
+        shutil.copy(path.with_name(path.stem + suffix), tmp_path)  # ORT refuses data behind a symlink
+    with pytest.raises(InputError, match="older edgejudge"):
+        VisionEncoder(tmp_path / path.name)

@@ -6,7 +6,10 @@ are not.
 The tiny checkpoint's vision weights are small (std 0.02, unit norms, zero biases), so its
 attention is nearly uniform and a wrong window or rotary moves the output by less than 1e-3. The
 parity tests therefore also run a copy with re-drawn, O(1)-scale weights ("sharp"), where dropping
-the window mask or the rotary changes the output by O(1) (checked below)."""
+the window mask or the rotary changes the output by O(1) (checked below).
+
+The graph takes uint8 levels and normalizes them with the processor's per-channel mean and std by
+a lookup that gives its float values bit for bit, in fp32 and fp16."""
 
 from __future__ import annotations
 
@@ -20,10 +23,12 @@ import pytest
 import torch
 from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
+from edgejudge.errors import InputError
 from edgejudge.export.fixtures import tiny_model_dir
 from edgejudge.export.onnx_io import IR_VERSION, OPSET
 from edgejudge.export.qwen2_5_vl import export_vision_onnx, load_visual
 from edgejudge.runtime import model as runtime_model
+from edgejudge.runtime.preprocess import VisionPreprocessing, levels_from_pixel_values, patch_levels, patchify
 from edgejudge.runtime.video import read_video
 from edgejudge.runtime.vision_qwen2_5 import VisionEncoder, cu_window_seqlens, rotary_tables, window_ids
 
@@ -97,6 +102,7 @@ def test_graph_signature(exported, tiny):
     assert graph.ir_version == IR_VERSION
     assert {o.domain: o.version for o in graph.opset_import}[""] == OPSET
     assert [i.name for i in graph.graph.input] == ["patches", "window_mask", "cos", "sin"]
+    assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert [o.name for o in graph.graph.output] == ["features"]
     assert graph.graph.output[0].type.tensor_type.shape.dim[-1].dim_value == config.out_hidden_size
     assert (path.parent / (path.name + ".data")).is_file()
@@ -156,7 +162,7 @@ def test_window_and_rotary_matter(tiny, visuals, exported):
     ref = _hf(visuals["sharp"], arrays)
     t, h, w = arrays["video_grid_thw"][0].tolist()
     mask, cos, sin = encoder.grid_inputs(h, w)
-    patches = arrays["pixel_values_videos"].reshape(t, h * w, -1)
+    patches = levels_from_pixel_values(arrays["pixel_values_videos"], encoder.normalize_table).reshape(t, h * w, -1)
 
     def run(m, s):
         return encoder.session.run(None, {"patches": patches, "window_mask": m, "cos": cos, "sin": s})[0].reshape(ref.shape)
@@ -212,7 +218,7 @@ def test_groups_encode_independently(tiny, exported):
     arrays = _inputs(tiny[0], [(8, 90, 330)], seed=3)
     t, h, w = arrays["video_grid_thw"][0].tolist()
     assert t == 4
-    groups = arrays["pixel_values_videos"].reshape(t, h * w, -1)
+    groups = levels_from_pixel_values(arrays["pixel_values_videos"], encoder.normalize_table).reshape(t, h * w, -1)
     batched = encoder.encode_groups(groups, h, w)
     for g in range(t):
         np.testing.assert_allclose(encoder.encode_groups(groups[g:g + 1], h, w)[0], batched[g], rtol=0, atol=1e-6)
@@ -223,14 +229,19 @@ def test_groups_encode_independently(tiny, exported):
     np.testing.assert_allclose(f, batched.reshape(f.shape), rtol=0, atol=1e-6)
 
 
-def test_shape_mismatch_is_an_input_error(exported):
-    from edgejudge.errors import InputError
+def _level_zero_pixels(encoder, rows: int) -> np.ndarray:
+    """(rows, patch_dim) pixel values the processor gives for black frames."""
+    return np.tile(np.repeat(encoder.normalize_table[:, 0], encoder.patch_dim // 3), (rows, 1))
 
+
+def test_shape_mismatch_is_an_input_error(exported):
     _, encoder = exported["tiny"]
-    with pytest.raises(InputError):
-        encoder.encode(np.zeros((15, encoder.patch_dim), np.float32), np.array([[1, 4, 4]]))
-    with pytest.raises(InputError):  # a grid side that is not a multiple of the merge size
-        encoder.encode(np.zeros((18, encoder.patch_dim), np.float32), np.array([[1, 3, 6]]))
+    with pytest.raises(InputError, match="does not match video_grid_thw"):
+        encoder.encode(_level_zero_pixels(encoder, 15), np.array([[1, 4, 4]]))
+    with pytest.raises(InputError, match="merge size"):
+        encoder.encode(_level_zero_pixels(encoder, 18), np.array([[1, 3, 6]]))
+    with pytest.raises(InputError, match="no uint8 level"):  # zero is no level's value here
+        encoder.encode(np.zeros((16, encoder.patch_dim), np.float32), np.array([[1, 4, 4]]))
     features, _ = encoder.encode(np.zeros((0, encoder.patch_dim), np.float32), np.zeros((0, 3), np.int64))
     assert features.shape == (0, encoder.out_hidden)
 
@@ -241,11 +252,35 @@ def test_vision_runtime_imports_no_torch(exported):
         "import sys, numpy as np\n"
         "from edgejudge.runtime.vision_qwen2_5 import VisionEncoder\n"
         f"enc = VisionEncoder({str(path)!r})\n"
-        "f, _ = enc.encode(np.zeros((2 * 16 * 12, enc.patch_dim), np.float32), np.array([[2, 16, 12]]))\n"
-        "assert f.shape == (2 * 4 * 12, enc.out_hidden)\n"
+        "f = enc.encode_groups(np.zeros((2, 16 * 12, enc.patch_dim), np.uint8), 16, 12)\n"
+        "assert f.shape == (2, 4 * 12, enc.out_hidden)\n"
         "bad = [m for m in ('torch', 'transformers', 'peft', 'onnx') if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "", f"the vision runtime imported {proc.stdout.strip()}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_graph_lookup_is_patchify_bit_for_bit(tiny, tmp_path, dtype):
+    """The graph's normalized patches (the Gather feeding the patch embedding), per-channel mean and
+    std, equal the processor's float32 values cast to the graph's float type, bit for bit."""
+    import onnxruntime as ort
+
+    model_dir = tiny[0]
+    pp = VisionPreprocessing.from_model_dir(model_dir)
+    path = export_vision_onnx(model_dir, tmp_path / "vision.onnx", dtype, visual=load_visual(model_dir))
+    proto = onnx.load(str(path))
+    lookup = next(n for n in proto.graph.node if n.op_type == "Gather").output[0]
+    float_type = onnx.TensorProto.FLOAT16 if dtype == torch.float16 else onnx.TensorProto.FLOAT
+    proto.graph.output.append(onnx.helper.make_tensor_value_info(lookup, float_type, None))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    frames = np.random.default_rng(0).integers(0, 256, (2, 4 * pp.factor, 2 * pp.factor, 3), dtype=np.uint8)
+    levels, (_, h, w) = patch_levels(frames, pp)
+    encoder = VisionEncoder(path)
+    feed = dict(zip(encoder.input_types, encoder.grid_inputs(h, w)), patches=levels[None])
+    looked_up = session.run([lookup], feed)[0][0]
+    expected = patchify(frames, pp)[0].astype(np.float16 if dtype == torch.float16 else np.float32)
+    assert looked_up.dtype == expected.dtype
+    np.testing.assert_array_equal(looked_up.view(np.uint8), expected.view(np.uint8))
