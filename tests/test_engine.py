@@ -124,6 +124,19 @@ def test_batched_labels_equal_own_forward(judge, monkeypatch, labels):
     assert diff <= 1e-5
 
 
+def test_prompt_text_side_is_kept_per_shape(judge):
+    """Clips of the same shape, indices and rate share one prompt text side (the control loop's
+    case); another instruction or frame count gets its own, equal to a fresh one."""
+    engine = judge.engine
+    first, second = (engine.prompt([read_video(frames(seed))], TEXT) for seed in (1, 2))
+    assert first.arrays is second.arrays and first.clips is not second.clips
+    other = engine.prompt([read_video(frames(1))], TEXT + " Now.")
+    shorter = engine.prompt([read_video(frames(1, count=4))], TEXT)
+    assert other.arrays is not first.arrays and shorter.length < first.length
+    fresh = runtime_model.prompt_inputs(engine.model, shorter.clips, TEXT)
+    assert all(np.array_equal(fresh[k], shorter.arrays[k]) for k in fresh)
+
+
 def test_check_matches_hf(judge, hf):
     """Decision, final and per-view scores against HF's forward (per view, per label)."""
     views = {"right": frames(3), "left": frames(4)}
