@@ -205,14 +205,19 @@ def test_encode_takes_only_processor_values(exported, tiny):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_graph_lookup_is_patchify_bit_for_bit(tiny, tmp_path, dtype):
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen2_5_vl"])  # one mean and std; per-channel ones
+def test_graph_lookup_is_patchify_bit_for_bit(family, tmp_path, dtype):
     """The graph's normalized patches (the Gather feeding the patch embedding) equal the
     processor's float32 values cast to the graph's float type, bit for bit."""
     import onnxruntime as ort
 
-    model_dir = tiny[0]
+    from edgejudge.export.onnx import FAMILIES
+    from edgejudge.runtime.vision import load_vision_encoder
+
+    model_dir = tiny_model_dir(family)
     pp = VisionPreprocessing.from_model_dir(model_dir)
-    path = export_vision_onnx(model_dir, tmp_path / "vision.onnx", dtype, visual=load_visual(model_dir))
+    exporter = FAMILIES[family]
+    path = exporter.export_vision_onnx(model_dir, tmp_path / "vision.onnx", dtype, visual=exporter.load_visual(model_dir))
     proto = onnx.load(str(path))
     lookup = next(n for n in proto.graph.node if n.op_type == "Gather").output[0]
     float_type = onnx.TensorProto.FLOAT16 if dtype == torch.float16 else onnx.TensorProto.FLOAT
@@ -220,7 +225,7 @@ def test_graph_lookup_is_patchify_bit_for_bit(tiny, tmp_path, dtype):
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     frames = np.random.default_rng(0).integers(0, 256, (2, 4 * pp.factor, 2 * pp.factor, 3), dtype=np.uint8)
     levels, (_, h, w) = patch_levels(frames, pp)
-    encoder = VisionEncoder(path)
+    encoder = load_vision_encoder(path, family)
     feed = dict(zip(encoder.input_types, encoder.grid_inputs(h, w)), patches=levels[None])
     looked_up = session.run([lookup], feed)[0][0]
     expected = patchify(frames, pp)[0].astype(np.float16 if dtype == torch.float16 else np.float32)

@@ -28,7 +28,7 @@ from edgejudge.export.fixtures import tiny_model_dir
 from edgejudge.export.onnx_io import IR_VERSION, OPSET
 from edgejudge.export.qwen2_5_vl import export_vision_onnx, load_visual
 from edgejudge.runtime import model as runtime_model
-from edgejudge.runtime.preprocess import VisionPreprocessing, levels_from_pixel_values, patch_levels, patchify
+from edgejudge.runtime.preprocess import levels_from_pixel_values
 from edgejudge.runtime.video import read_video
 from edgejudge.runtime.vision_qwen2_5 import VisionEncoder, cu_window_seqlens, rotary_tables, window_ids
 
@@ -260,27 +260,3 @@ def test_vision_runtime_imports_no_torch(exported):
     proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "", f"the vision runtime imported {proc.stdout.strip()}"
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_graph_lookup_is_patchify_bit_for_bit(tiny, tmp_path, dtype):
-    """The graph's normalized patches (the Gather feeding the patch embedding), per-channel mean and
-    std, equal the processor's float32 values cast to the graph's float type, bit for bit."""
-    import onnxruntime as ort
-
-    model_dir = tiny[0]
-    pp = VisionPreprocessing.from_model_dir(model_dir)
-    path = export_vision_onnx(model_dir, tmp_path / "vision.onnx", dtype, visual=load_visual(model_dir))
-    proto = onnx.load(str(path))
-    lookup = next(n for n in proto.graph.node if n.op_type == "Gather").output[0]
-    float_type = onnx.TensorProto.FLOAT16 if dtype == torch.float16 else onnx.TensorProto.FLOAT
-    proto.graph.output.append(onnx.helper.make_tensor_value_info(lookup, float_type, None))
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    frames = np.random.default_rng(0).integers(0, 256, (2, 4 * pp.factor, 2 * pp.factor, 3), dtype=np.uint8)
-    levels, (_, h, w) = patch_levels(frames, pp)
-    encoder = VisionEncoder(path)
-    feed = dict(zip(encoder.input_types, encoder.grid_inputs(h, w)), patches=levels[None])
-    looked_up = session.run([lookup], feed)[0][0]
-    expected = patchify(frames, pp)[0].astype(np.float16 if dtype == torch.float16 else np.float32)
-    assert looked_up.dtype == expected.dtype
-    np.testing.assert_array_equal(looked_up.view(np.uint8), expected.view(np.uint8))
