@@ -109,8 +109,9 @@ def _rotary_table(g: Graph, head_dim: int) -> tuple[str, str, str]:
     tables = [g.op("Reshape", [g.op("Slice", [t, start, half, last], name=f"{t}/half"), rows], name=f"{t}/table")
               for t in ("cos", "sin")]
     one = g.op("Slice", ["cos", start, g.const("rotary.one", np.array([1], np.int64)), last], name="rotary/one_column")
-    ones = g.op("Add", [g.op("Mul", [cast(g, one, np.float32, "rotary/fp32"), g.const("rotary.zero", np.zeros((), np.float32))],
-                             name="rotary/zeros"), g.const("rotary.unit", np.ones((), np.float32))], name="rotary/ones")
+    zeros = g.op("Mul", [cast(g, one, np.float32, "rotary/fp32"), g.const("rotary.zero", np.zeros((), np.float32))],
+                 name="rotary/zeros")
+    ones = g.op("Add", [zeros, g.const("rotary.unit", np.ones((), np.float32))], name="rotary/ones")  # (B, S, 1)
     axis0, axis1 = (g.const(f"rotary.axis{a}", np.array(a, np.int64)) for a in (0, 1))
     within = g.op("CumSum", [ones, axis1], name="rotary/within_row", exclusive=1)  # s
     per_row = g.op("ReduceSum", [ones, g.const("rotary.axes1", np.array([1], np.int64))], name="rotary/row_length")

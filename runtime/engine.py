@@ -5,9 +5,9 @@ cache and greedy decoding. numpy + onnxruntime only: this ships to the robot.
   scored by the prompt's last logits. When one label has more than one token (RoboCasa's "not
   complete"), the prefill carries its tokens after the prompt: one forward scores every label,
   and no cache outlives it (its layers share one layer's worth of KV buffers:
-  `TextDecoder.prefill(keep_cache=False)`). Labels of more than one token otherwise run as one batch on the
-  prefilled KV cache, repeated on the device once per such label (one step for labels of up to
-  two tokens); shorter labels are padded at the end. Causal attention keeps every position blind
+  `TextDecoder.prefill(keep_cache=False)`). Labels of more than one token otherwise run as one
+  batch on the prefilled KV cache, repeated on the device once per such label (one step for
+  labels of up to two tokens); shorter labels are padded at the end. Causal attention keeps every position blind
   to what follows it, so this equals scoring each label with its own full forward.
   Score = summed NLL / label token count (lower is better).
 - Views: the views of one decision whose prompts have the same length run as one batch in the
