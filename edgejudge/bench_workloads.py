@@ -336,8 +336,8 @@ def memory_estimate(shape: dict, plan: dict, setup: Setup, workload: Workload, c
     buffers of one forward (+ the backend's measured overhead on CUDA, `OVERHEAD_BYTES`). Rows and
     tokens are what each backend holds at its peak: ONNX copies a prefilled view's cache once per
     label of several tokens when there are two or more (`runtime.engine.cache_copies`); the torch
-    backend copies it once per label, and holds a rubric's shared prefix and two copies of the
-    answer rows; HF one sequence at a time. ONNX's cache buffers allocated ahead of a run come from
+    backend copies it once per label, and holds a rubric's shared prefix and its decode rows (a
+    greedy row and a score row per question); HF one sequence at a time. ONNX's cache buffers allocated ahead of a run come from
     onnxruntime's Python-side CUDA arena, which grows by powers of two: up to twice the cache is
     reserved; scoring whose prefill carries every label token holds one layer's cache. ONNX also keeps
     the vision outputs in a store on the device (in that arena too), sized for the cache's groups
@@ -354,8 +354,9 @@ def memory_estimate(shape: dict, plan: dict, setup: Setup, workload: Workload, c
         copies = len(plan["labels"]) if setup.backend == "torch" else (fed if fed > 1 else 0)
         rows, tokens = (plan["videos"] * (1 + copies), plan["prompt"] + width - 1) \
             if setup.backend != "hf" else (1, plan["prompt"] + width)
-    elif setup.backend == "torch":
-        rows, tokens = 1 + 2 * len(plan["suffixes"]), plan["prompt"] + workload.spec.max_new_tokens
+    elif setup.backend == "torch":  # the prefix, and a greedy row and a score row per question
+        rows = 1 + (2 if workload.spec.score_prefix else 1) * len(plan["suffixes"])
+        tokens = plan["prompt"] + workload.spec.max_new_tokens
     else:
         rows, tokens = 1, plan.get("cache_tokens", plan["prompt"] + workload.spec.max_new_tokens)
     # ONNX scoring whose prefill carries every label token keeps no cache: its layers share one
@@ -383,6 +384,12 @@ def memory_estimate(shape: dict, plan: dict, setup: Setup, workload: Workload, c
         vision = groups * patches * (2 * vis["intermediate"] + 4 * vis["hidden"]) * float_bytes
         activations = max(prompt_rows * plan["prompt"] * (2 * text["intermediate"] + 4 * text["hidden"]) * float_bytes
                           + logit_positions * text["vocab"] * (4 + float_bytes), vision)
+        if setup.backend == "torch" and not plan["labels"]:
+            # decode's two CUDA graphs (the rows' common tokens, one token a row) keep their buffers
+            # between requests: each its logits and a dequantized weight, the first its activations
+            answer_rows, common = rows - 1, min(plan["suffixes"])
+            graph = answer_rows * text["vocab"] * (4 + float_bytes) + text["hidden"] * text["intermediate"] * float_bytes
+            activations += 2 * graph + answer_rows * common * (2 * text["intermediate"] + 4 * text["hidden"]) * float_bytes
     weights = device_weight_bytes(shape, setup, float_bytes)
     overhead = OVERHEAD_BYTES[setup.backend] if cuda else 0
     total = weights + kv + activations + overhead

@@ -5,18 +5,18 @@
 (`edgejudge.runtime.model`: HF's processor arrays, position ids included), so both backends see
 exactly the same tokens. `generate_many` adds the whole rubric on one video prefill.
 
-The cache is transformers' DynamicCache. For Qwen3.5 it holds, besides the key/value tensors of
-the full-attention layers, the conv and recurrent states of the Gated DeltaNet layers.
+Prefills and scoring use transformers' DynamicCache. For Qwen3.5 it holds, besides the key/value
+tensors of the full-attention layers, the conv and recurrent states of the Gated DeltaNet layers.
 transformers 5.17's `Cache.batch_repeat_interleave` does not reach those (its LinearAttentionLayer
 has no such method), so rows are branched with `reorder_cache`, which every layer kind implements.
+Greedy decoding continues on a StaticCache (`StepRows`), whose steps run as CUDA graphs on a GPU.
 
 Exactness rules that shape the code:
 - Right padding is exact for reading logits (causal: a pad only affects positions after it), so
-  label scoring and score-prefix reads run padded batches on a copy of the cache, then drop it.
+  label scoring runs padded batches on a copy of the cache, then drops it.
 - A cache that decoding continues from must never have seen a pad token: a DeltaNet state decays
-  on a pad even when its input is zeroed. Continuations of unequal length are therefore prefilled
-  in groups of equal length, then merged into one batch whose full-attention keys have holes that
-  the attention mask hides; recurrent and conv states have no length, so they merge as they are.
+  on a pad even when its input is zeroed. Continuations of unequal length therefore share one
+  forward only for their common length; after it every row takes one token a step, its own.
 
 Imports torch and transformers (bitsandbytes through transformers for bnb artifacts), never peft
 or the export stack.
@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from edgejudge.errors import InputError
 from edgejudge.manifest import MANIFEST_NAME, read_manifest
 from edgejudge.runtime import model as runtime_model
-from edgejudge.runtime.engine import DIGITS, Prompt, StageTimer, eos_token_ids
+from edgejudge.runtime.engine import Prompt, StageTimer, digit_probabilities, digit_token_ids, eos_token_ids
 from edgejudge.runtime.preprocess import preprocess_video
 from edgejudge.runtime.video import Clip
 
@@ -88,6 +88,42 @@ def cache_bytes(text_config: dict, batch: int, length: int, float_bytes: int) ->
     return total
 
 
+# -- attention ---------------------------------------------------------------------------------
+GROUPED_SDPA = "edgejudge_grouped_sdpa"
+
+
+def grouped_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                 **kwargs) -> tuple[torch.Tensor, None]:
+    """HF's sdpa attention, except where a mask meets grouped-query heads: HF then repeats the
+    keys and values once per query head (`repeat_kv`), a copy of the whole cache in every layer
+    of every step. Here the query heads that share a key head become more query rows of it
+    instead (their masks repeated alike), which is the same attention without the copy."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if attention_mask is None or groups == 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    batch, heads, length, dim = query.shape
+    rows = query.reshape(batch, key.shape[1], groups * length, dim)  # query head h reads key head h // groups
+    out = torch.nn.functional.scaled_dot_product_attention(
+        rows, key, value, attn_mask=attention_mask.repeat(1, 1, groups, 1), dropout_p=dropout, scale=scaling)
+    return out.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None
+
+
+def use_grouped_sdpa(net) -> None:
+    """Register `grouped_sdpa` with transformers and switch a language model on HF's sdpa to it
+    (the vision tower keeps its own attention)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(GROUPED_SDPA, grouped_sdpa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(GROUPED_SDPA, sdpa_mask)
+    if net.model.language_model.config._attn_implementation == "sdpa":
+        net.set_attn_implementation({"text_config": GROUPED_SDPA})
+
+
 # -- cache rows --------------------------------------------------------------------------------
 def _copy_layer(layer):
     """A shallow copy of a cache layer with its own state dicts (conv/recurrent states by index)."""
@@ -107,26 +143,6 @@ def select_rows(cache, rows: torch.Tensor):
     out.layers = [_copy_layer(layer) for layer in cache.layers]
     for layer in out.layers:
         layer.reorder_cache(rows)
-    return out
-
-
-def merge_rows(caches: list, total: int):
-    """Stack caches of different token counts into one batch: keys/values right-padded with zeros
-    to `total` tokens (holes an attention mask must hide), conv/recurrent states concatenated."""
-    out = copy.copy(caches[0])
-    out.layers = []
-    for parts in zip(*(c.layers for c in caches)):
-        layer = _copy_layer(parts[0])
-        if getattr(layer, "keys", None) is not None and layer.get_seq_length() > 0:
-            for name in ("keys", "values"):
-                padded = [torch.nn.functional.pad(getattr(p, name), (0, 0, 0, total - p.get_seq_length())) for p in parts]
-                setattr(layer, name, torch.cat(padded))
-        for name in ("conv_states", "recurrent_states"):
-            states = getattr(layer, name, {})
-            for i, state in states.items():
-                if state is not None:
-                    states[i] = torch.cat([getattr(p, name)[i] for p in parts])
-        out.layers.append(layer)
     return out
 
 
@@ -200,6 +216,7 @@ class TorchEngine:
         self.weights_bytes = weight_bytes(folder, self.float_bytes if dtype is not None else None)
         self.gpu_mem_gb = gpu_mem_gb
         self.cap_bytes = None if gpu_mem_gb is None else int(gpu_mem_gb * GIB)
+        self.rows: StepRows | None = None  # decode's rows, kept for the next request of their shape
         self.check_fits(0, 0)  # the weights alone, before any is read
         if self.cap_bytes is not None:
             device_index = torch.device(device).index or 0
@@ -211,8 +228,10 @@ class TorchEngine:
                 **({"dtype": dtype} if dtype is not None else {})).eval()
         except torch.OutOfMemoryError:
             raise InputError(f"{folder}: out of GPU memory while loading the weights") from None
+        use_grouped_sdpa(self.net)
         self.device = torch.device(device)
         self.eos_ids = eos_token_ids(self.model)
+        self.cuda_graphs = True  # decode's forwards replayed as CUDA graphs on a CUDA device
 
     # -- the Engine interface -----------------------------------------------------------------
     def prompt(self, clips: list[Clip], text: str, system: str | None = None) -> Prompt:
@@ -248,13 +267,9 @@ class TorchEngine:
         timer = timer or StageTimer()
         with timer("prefill"):
             prefix = self.prefill([prompt.arrays])
-        digits = None
-        if score_prefix:
-            with timer("distribution"):
-                digits = self.digit_distributions(prefix, [self.token_ids(score_prefix, "score prefix")])[0]
         with timer("decode"):
-            tokens = self.decode(prefix, [np.zeros(0, np.int64)], max_new_tokens)[0]
-        return tokens, digits
+            return self.answers(prefix, [np.zeros(0, np.int64)], max_new_tokens,
+                                None if score_prefix is None else [score_prefix])[0]
 
     def generate_many(self, clips: list[Clip], texts: list[str], max_new_tokens: int, system: str | None = None,
                       score_prefixes: list[str] | None = None, timer: StageTimer | None = None
@@ -263,21 +278,15 @@ class TorchEngine:
         preprocessed, encoded and prefilled once.
 
         The system prompt and videos come before each text, so the tokens they share are one
-        prefill (the full-attention KV cache and the linear-attention states); all texts then
-        continue from it as one batch (`decode`), and the score-prefix reads as another.
+        prefill (the full-attention KV cache and the linear-attention states); all texts, and
+        their score-prefix reads, then continue from it as one batch (`answers`).
         """
         timer = timer or StageTimer()
         if score_prefixes is not None and len(score_prefixes) != len(texts):
             raise InputError(f"{len(score_prefixes)} score prefixes for {len(texts)} texts")
         prefix, suffixes = self.prefill_shared(clips, texts, system, timer)
-        digits = [None] * len(texts)
-        if score_prefixes:
-            with timer("distribution"):
-                forced = [np.concatenate([s, self.token_ids(p, "score prefix")]) for s, p in zip(suffixes, score_prefixes)]
-                digits = self.digit_distributions(prefix, forced)
         with timer("decode"):
-            tokens = self.decode(prefix, suffixes, max_new_tokens)
-        return list(zip(tokens, digits))
+            return self.answers(prefix, suffixes, max_new_tokens, score_prefixes)
 
     # -- operations ---------------------------------------------------------------------------
     def prefill_shared(self, clips: list[Clip], texts: list[str], system: str | None = None,
@@ -308,11 +317,13 @@ class TorchEngine:
         return pixels
 
     def check_fits(self, batch: int, length: int) -> None:
-        """Refuse a request whose cache of `batch` x `length` tokens, with the weights, would not
-        fit the memory cap (with batch 0: the weights alone)."""
+        """Refuse a request whose cache of `batch` x `length` tokens, with the weights and the
+        decode rows kept from an earlier request, would not fit the memory cap (with batch 0:
+        the weights alone)."""
         if self.cap_bytes is None:
             return
-        need = (self.weights_bytes + cache_bytes(self.text_config, batch, length, self.float_bytes)) * WORKING_ROOM
+        kept = cache_bytes(self.text_config, self.rows.batch, self.rows.length, self.float_bytes) if self.rows else 0
+        need = (self.weights_bytes + kept + cache_bytes(self.text_config, batch, length, self.float_bytes)) * WORKING_ROOM
         if need > self.cap_bytes:
             what = f"{batch} x {length} tokens need" if batch else "the weights need"
             raise InputError(f"{self.model.path}: {what} about {need / GIB:.3g} GiB with working room, over the GPU "
@@ -392,66 +403,176 @@ class TorchEngine:
             nlls[row, i] = -logp[np.arange(len(label_ids[i])), label_ids[i]].mean()
         return nlls
 
-    def digit_distributions(self, prefix: Prefix, forced: list[np.ndarray]) -> list[np.ndarray]:
-        """Per forced continuation of prefix row 0: the probabilities of the digits 1-5 right after
-        it (a softmax over those five logits), all continuations as one batch."""
-        digit_ids = [self.model.prompter.encode(d) for d in DIGITS]
-        if any(len(ids) != 1 for ids in digit_ids):
-            raise InputError("the tokenizer does not encode each digit 1-5 as one token")
-        logits = self.continuation_logits(prefix, [0] * len(forced), forced)
-        out = []
-        for table in logits:
-            chosen = table[-1, [int(ids[0]) for ids in digit_ids]].double().cpu().numpy()
-            probs = np.exp(chosen - chosen.max())
-            out.append(probs / probs.sum())
-        return out
+    def answers(self, prefix: Prefix, suffixes: list[np.ndarray], max_new_tokens: int,
+                score_prefixes: list[str] | None = None) -> list[tuple[list[int], np.ndarray | None]]:
+        """Per suffix after prefix row 0: its greedy tokens, and with `score_prefixes` the digit
+        distribution after suffix + score prefix. The score reads are rows of the same batch
+        that feed the prefix after their suffix and generate nothing."""
+        if not score_prefixes:
+            return [(tokens, None) for tokens in self.decode(prefix, suffixes, max_new_tokens)]
+        digit_ids = digit_token_ids(self.model.prompter)
+        forced = [np.concatenate([s, self.token_ids(p, "score prefix")]) for s, p in zip(suffixes, score_prefixes)]
+        fed: list[torch.Tensor] = []
+        tokens = self.decode(prefix, [*suffixes, *forced], [max_new_tokens] * len(suffixes) + [0] * len(forced), fed=fed)
+        digits = [digit_probabilities(row.cpu().numpy(), digit_ids) for row in fed[len(suffixes):]]
+        return list(zip(tokens, digits))
 
     @torch.no_grad()
-    def decode(self, prefix: Prefix, suffixes: list[np.ndarray], max_new_tokens: int,
-               step_logits: list[list[torch.Tensor]] | None = None) -> list[list[int]]:
-        """Greedy tokens of prefix row 0 continued by each suffix, all rows as one batch, each
-        stopping after an EOS or `max_new_tokens`. `step_logits`, when given, receives each row's
-        (vocab,) logits per generated token.
+    def decode(self, prefix: Prefix, feeds: list[np.ndarray], max_new_tokens: int | list[int],
+               step_logits: list[list[torch.Tensor]] | None = None, fed: list[torch.Tensor] | None = None
+               ) -> list[list[int]]:
+        """Greedy tokens of prefix row 0 continued by each feed, all rows as one batch, each
+        stopping after an EOS or `max_new_tokens` (one budget, or one per row). `step_logits`,
+        when given, receives each row's (vocab,) logits per generated token; `fed` each row's
+        logits right after its feed, what predicts its first new token.
 
-        Suffixes of one length are prefilled together (one forward per distinct length, no
-        padding), then merged into one batch; a shorter row's key/value holes are masked.
+        All rows advance in lockstep on one static cache, so no row ever holds a pad or a hole:
+        the feeds' common length is one forward, then every step feeds each row one token, the
+        next of its feed while it has one, else its own greedy choice.
         """
-        n, lengths = len(suffixes), [len(s) for s in suffixes]
-        total = prefix.length + max(lengths)
-        self.check_fits(1 + 2 * n, total + max_new_tokens)  # the prefix, the groups and their merge
-        caches, order, logits = [], [], []
-        for length in sorted(set(lengths)):
-            members = [i for i in range(n) if lengths[i] == length]
-            cache = select_rows(prefix.cache, torch.zeros(len(members), dtype=torch.long, device=self.device))
-            if length == 0:
-                logits.append(prefix.last_logits[[0] * len(members)])
-            else:
-                ids = torch.from_numpy(np.stack([np.asarray(suffixes[i], np.int64) for i in members])).to(self.device)
-                start = torch.full((len(members),), prefix.length, device=self.device)
-                hidden = self._hidden(cache, ids, self._positions(start, length, prefix.rope_deltas[[0] * len(members)]))
-                logits.append(self._logits(hidden[:, -1]))
-            caches.append(cache)
-            order += members  # batch row r continues suffix order[r]
-        cache = merge_rows(caches, total) if len(caches) > 1 else caches[0]
-        logits = torch.cat(logits)
-        seen = torch.tensor([prefix.length + lengths[i] for i in order], device=self.device)
-        # 1 for each row's real tokens, 0 for its holes; only needed when rows differ in length
-        mask = (torch.arange(total, device=self.device) < seen[:, None]).long() if len(caches) > 1 else None
+        n, lengths = len(feeds), [len(f) for f in feeds]
+        budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * n
+        common = min(lengths)
+        last = max(length + max(budget, 1) for length, budget in zip(lengths, budgets))  # tokens a row ever holds
+        rows = self._step_rows(prefix, n, prefix.length + last - 1, common)
         deltas = prefix.rope_deltas[[0] * n]
+        if common:
+            ids, positions = rows.inputs[common]
+            ids.copy_(torch.from_numpy(np.stack([np.asarray(f[:common], np.int64) for f in feeds])))
+            positions.copy_(self._positions(torch.full((n,), prefix.length, device=self.device), common, deltas))
+            logits = rows.run(common)
+        else:
+            logits = prefix.last_logits[[0] * n]
+        ids, positions = rows.inputs[1]
+        positions.copy_(self._positions(torch.full((n,), prefix.length + common, device=self.device), 1, deltas))
         tokens: list[list[int]] = [[] for _ in range(n)]
+        after_feed: list[torch.Tensor | None] = [None] * n
         done = [False] * n
-        for step in range(max_new_tokens):
-            chosen = logits.argmax(-1)
-            for r, token in enumerate(chosen.tolist()):  # one device sync per step
-                if not done[r]:
-                    tokens[order[r]].append(token)
+        for step in range(common, last):
+            chosen = logits.argmax(-1).tolist()  # one device sync per step
+            for r, token in enumerate(chosen):
+                if step == lengths[r]:
+                    after_feed[r] = logits[r].clone()
+                    done[r] = budgets[r] == 0
+                if step >= lengths[r] and not done[r]:
+                    tokens[r].append(token)
                     if step_logits is not None:
-                        step_logits[order[r]].append(logits[r])
-                    done[r] = token in self.eos_ids
-            if step == max_new_tokens - 1 or all(done):
+                        step_logits[r].append(logits[r].clone())
+                    done[r] = token in self.eos_ids or len(tokens[r]) == budgets[r]
+            if all(done):
                 break
-            if mask is not None:
-                mask = torch.cat([mask, mask.new_ones((n, 1))], dim=1)
-            hidden = self._hidden(cache, chosen[:, None], self._positions(seen + step, 1, deltas), attention_mask=mask)
-            logits = self._logits(hidden[:, -1])
+            ids.copy_(torch.tensor([int(feeds[r][step]) if step < lengths[r] else chosen[r] for r in range(n)]).view(n, 1))
+            logits = rows.run(1)
+        if fed is not None:
+            fed.extend(after_feed)
         return tokens
+
+    def _step_rows(self, prefix: Prefix, batch: int, length: int, common: int) -> StepRows:
+        """Rows for `decode`, loaded with the prefix: the last ones when their shape matches (their
+        captured graphs are reused), else new ones (the old ones freed first)."""
+        if self.rows is not None and (self.rows.batch, self.rows.length, self.rows.common) != (batch, length, common):
+            self.rows = None
+        self.check_fits(1 if self.rows else 1 + batch, length)  # the prefix, and the rows unless kept
+        if self.rows is None:
+            self.rows = StepRows(self, prefix.cache, batch, length, common)
+        self.rows.load(prefix)
+        return self.rows
+
+
+class StepRows:
+    """`batch` rows that continue one prefix over preallocated buffers: a static cache of `length`
+    tokens (HF's StaticCache: key/value buffers for full-attention layers, conv and recurrent
+    states for linear-attention ones) and the inputs of two forwards, `common` tokens a row (the
+    feeds' shared length) and one token a row (a step).
+
+    The addresses never change, so on CUDA each forward is captured as a CUDA graph once and
+    replayed: a forward of a 9B model is hundreds of small kernels, and launching them from
+    Python costs more than running them. The rows live as long as the engine keeps them, so a
+    later request of the same shape replays the same graphs. A forward attends through an
+    additive mask over the cache's slots (0 up to each token's own, the float minimum after):
+    the keys HF's own causal mask would show it.
+    """
+
+    def __init__(self, engine: TorchEngine, like, batch: int, length: int, common: int):
+        from transformers import StaticCache
+        from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+        self.engine, self.batch, self.length, self.common = engine, batch, length, common
+        device = engine.device
+        self.cache = StaticCache(config=engine.net.config, max_cache_len=length)
+        for src, dst in zip(like.layers, self.cache.layers):
+            if isinstance(dst, LinearAttentionCacheLayerMixin):
+                conv, recurrent = src.conv_states[0], src.recurrent_states[0]
+                dst.lazy_initialization(conv.new_empty((batch, *conv.shape[1:])),
+                                        recurrent.new_empty((batch, *recurrent.shape[1:])),
+                                        conv_kernel_size=conv.shape[-1])
+                dst.has_previous_state[0] = True
+            else:
+                dst.lazy_initialization(src.keys.new_empty((batch, *src.keys.shape[1:])),
+                                        src.values.new_empty((batch, *src.values.shape[1:])))
+        self.linear = LinearAttentionCacheLayerMixin
+        counts = sorted({1, common} - {0})
+        self.inputs = {count: (torch.zeros((batch, count), dtype=torch.long, device=device),
+                               torch.zeros((3, batch, count), dtype=torch.long, device=device)) for count in counts}
+        self.seen = torch.zeros((), dtype=torch.long, device=device)  # tokens in the cache
+        self.slots = torch.arange(length, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if device.type == "cuda" and engine.cuda_graphs:
+            for count in counts:
+                self._capture(count)
+
+    def masks(self, count: int) -> torch.Tensor:
+        """The (1, 1, count, length) attention mask of `count` new tokens after the cached ones.
+        HF passes a 4D mask to the attention layers as it is, and none to linear-attention ones."""
+        dtype = self.engine.net.dtype
+        query = self.seen + torch.arange(count, device=self.slots.device)
+        mask = torch.zeros((1, 1, count, self.length), dtype=dtype, device=self.slots.device)
+        return mask.masked_fill_(self.slots[None, :] > query[:, None], torch.finfo(dtype).min)
+
+    def load(self, prefix: Prefix) -> None:
+        """Every row starts as prefix row 0: its keys, values and states copied in place."""
+        for src, dst in zip(prefix.cache.layers, self.cache.layers):
+            if isinstance(dst, self.linear):
+                dst.conv_states[0].copy_(src.conv_states[0][:1])
+                dst.recurrent_states[0].copy_(src.recurrent_states[0][:1])
+            else:
+                dst.keys[:, :, : prefix.length].copy_(src.keys[:1])
+                dst.values[:, :, : prefix.length].copy_(src.values[:1])
+                dst.cumulative_length.fill_(prefix.length)
+        self.seen.fill_(prefix.length)
+
+    def _forward(self, count: int) -> torch.Tensor:
+        """`count` tokens a row (`inputs[count]`) into the cache; the logits of each row's last.
+        Advances the positions and the count of tokens seen, so that a replay continues where
+        the last one stopped."""
+        ids, positions = self.inputs[count]
+        hidden = self.engine._hidden(self.cache, ids, positions, attention_mask=self.masks(count))
+        self.seen.add_(count)
+        positions.add_(count)
+        return self.engine._logits(hidden[:, -1])
+
+    def run(self, count: int) -> torch.Tensor:
+        if count not in self.graphs:
+            return self._forward(count)
+        graph, logits = self.graphs[count]
+        graph.replay()
+        return logits
+
+    def _capture(self, count: int) -> None:
+        """Capture `_forward(count)` as a CUDA graph, after two eager runs on a side stream
+        (Triton's autotuning and the libraries' workspaces must happen outside the capture).
+        These runs write garbage into the cache; `load` overwrites every slot a request reads."""
+        device = self.engine.device
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward(count)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                logits = self._forward(count)
+        except torch.OutOfMemoryError:
+            raise InputError(f"out of GPU memory capturing a forward of {self.batch} x {count} tokens") from None
+        self.graphs[count] = (graph, logits)

@@ -50,6 +50,21 @@ DIGITS = ("1", "2", "3", "4", "5")
 PROMPTS_KEPT = 16  # prompt text sides `Engine.prompt` keeps (a rubric's axes, a batch's views)
 
 
+def digit_token_ids(prompter) -> list[int]:
+    """The token ids of the digits 1-5, which a score distribution reads (one token each)."""
+    ids = [prompter.encode(d) for d in DIGITS]
+    if any(len(i) != 1 for i in ids):
+        raise InputError("the tokenizer does not encode each digit 1-5 as one token")
+    return [int(i[0]) for i in ids]
+
+
+def digit_probabilities(logits: np.ndarray, digit_ids: list[int]) -> np.ndarray:
+    """The probabilities of the digits 1-5 at one position: a softmax over their five logits."""
+    chosen = np.asarray(logits[digit_ids], np.float64)
+    probs = np.exp(chosen - chosen.max())
+    return probs / probs.sum()
+
+
 def device_weight_bytes(folder: Path) -> int:
     """Bytes of the weights the sessions load onto the device: every graph with its external data,
     plus the table a float LM head reads from an .npy (lm_head.npy, or embed.npy when tied; an
@@ -500,15 +515,10 @@ class Engine:
     def _digit_distribution(self, prompt: Prompt, prefix: str) -> np.ndarray:
         """One step over the prefix on the prefilled prompt, then the cache is put back to the
         prompt (`TextDecoder.restore`: the prefix's rows are ignored and overwritten by greedy)."""
-        digit_ids = [self.model.prompter.encode(d) for d in DIGITS]
-        if any(len(ids) != 1 for ids in digit_ids):
-            raise InputError("the tokenizer does not encode each digit 1-5 as one token")
+        digits = digit_token_ids(self.model.prompter)
         prefix_ids = self.token_ids(prefix, "score prefix")
         saved = self.decoder.snapshot()
         cos, sin = self.decoder.cos_sin(decode_position_ids(prompt.length, len(prefix_ids), prompt.arrays["rope_deltas"]))
         hidden = self.decoder.step(self.decoder.embed(prefix_ids[None]), cos, sin, on_device=True)
         self.decoder.restore(saved)
-        last = self.decoder.logits(hidden, slice(-1, None))[0, -1]
-        logits = last[[int(ids[0]) for ids in digit_ids]].astype(np.float64)
-        probs = np.exp(logits - logits.max())
-        return probs / probs.sum()
+        return digit_probabilities(self.decoder.logits(hidden, slice(-1, None))[0, -1], digits)

@@ -1,8 +1,8 @@
 """Whole rubric on one video prefill (PhyGround-style, tiny Qwen3.5, fp32, CPU).
 
 The system prompt and video are prefilled once (full-attention KV cache and the Gated DeltaNet
-conv/recurrent states), then all 16 axes continue from it as one batch. Proven equal to running
-each axis alone: HF `generate` on that axis's own full prompt gives the same greedy tokens (rows
+conv/recurrent states), then all 16 axes continue from it as one batch, in lockstep on a static
+cache. Proven equal to running each axis alone: HF `generate` on that axis's own full prompt gives the same greedy tokens (rows
 stopping at EOS at different steps), the same logits at every step (1e-4), and the same digit
 distribution at the score position. Prompts are written here (the real ones are user files).
 """
@@ -118,10 +118,17 @@ def test_rubric_equals_each_axis_alone(engine, clip, monkeypatch):
     step_logits = [[] for _ in AXES]
     tokens = engine.decode(prefix, suffixes, MAX_NEW_TOKENS, step_logits)
 
+    # generate_many runs the same rows, plus one score read per axis in the same batch: the
+    # prefix once, one forward of the feeds' common length, then one token a row per step.
+    calls = []
+    hidden = engine._hidden
+    monkeypatch.setattr(engine, "_hidden", lambda cache, ids, *a, **k: calls.append(tuple(ids.shape)) or
+                        hidden(cache, ids, *a, **k))
+    results = engine.generate_many([clip], texts, MAX_NEW_TOKENS, SYSTEM, [score_prefix(a) for a in AXES])
+    assert [t for t, _ in results] == tokens
+
     worst_logit, worst_digit = 0.0, 0.0
-    digits = engine.digit_distributions(prefix, [np.concatenate([s, model.prompter.encode(score_prefix(a))])
-                                                 for s, a in zip(suffixes, AXES)])
-    for text, axis, row_tokens, row_logits, row_digits in zip(texts, AXES, tokens, step_logits, digits):
+    for text, axis, row_tokens, row_logits, (_, row_digits) in zip(texts, AXES, tokens, step_logits, results):
         arrays = runtime_model.build_inputs(model, [clip], text, SYSTEM)
         ref_tokens, ref_logits = hf_generate(engine, arrays)
         assert row_tokens == ref_tokens, axis
@@ -132,20 +139,20 @@ def test_rubric_equals_each_axis_alone(engine, clip, monkeypatch):
     assert worst_logit <= 1e-4 and worst_digit <= 1e-5
     assert len(steps) >= 3 and steps[0] < MAX_NEW_TOKENS  # rows stopped at EOS at different steps
 
-    # generate_many runs exactly this: the prefix once, the score reads as one batch, one forward
-    # per suffix length, then all axes decode together.
-    calls = []
-    hidden = engine._hidden
-    monkeypatch.setattr(engine, "_hidden", lambda cache, ids, *a, **k: calls.append(tuple(ids.shape)) or
-                        hidden(cache, ids, *a, **k))
-    results = engine.generate_many([clip], texts, MAX_NEW_TOKENS, SYSTEM, [score_prefix(a) for a in AXES])
-    assert [t for t, _ in results] == tokens
-    np.testing.assert_array_equal(np.array([d for _, d in results]), np.array(digits))
-    lengths = sorted({len(s) for s in suffixes})
-    assert calls[0] == (1, prefix.length)
-    assert calls[1][0] == len(AXES)
-    assert sorted(c[1] for c in calls[2 : 2 + len(lengths)]) == lengths
-    assert calls[2 + len(lengths):] == [(len(AXES), 1)] * (max(map(len, tokens)) - 1)
+    feeds = [len(s) for s in suffixes] + [len(s) + len(model.prompter.encode(score_prefix(a)))
+                                          for s, a in zip(suffixes, AXES)]
+    # the position each row reads its last logits at: its last token's, or its score's
+    last_read = max(*(n + len(t) - 1 for n, t in zip(feeds, tokens)), *feeds[len(AXES):])
+    rows = 2 * len(AXES)
+    assert calls == [(1, prefix.length), (rows, min(feeds))] + [(rows, 1)] * (last_read - min(feeds))
+
+    # A second request of the same shape reuses the rows (their buffers, on CUDA their graphs),
+    # overwritten by the new prefix.
+    kept = engine.rows
+    again = engine.generate_many([clip], texts, MAX_NEW_TOKENS, SYSTEM, [score_prefix(a) for a in AXES])
+    assert engine.rows is kept
+    assert [t for t, _ in again] == tokens
+    np.testing.assert_array_equal(np.array([d for _, d in again]), np.array([d for _, d in results]))
 
 
 def test_duplicate_and_single_texts(engine, clip):

@@ -28,7 +28,7 @@ from edgejudge.manifest import Manifest, write_manifest
 from edgejudge.runtime import model as runtime_model
 from edgejudge.runtime.video import read_video
 from edgejudge.specs import JudgeSpec, get_spec
-from edgejudge.torch_backend import TorchEngine, cache_bytes, select_rows, weight_bytes
+from edgejudge.torch_backend import TorchEngine, cache_bytes, grouped_sdpa, select_rows, weight_bytes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -60,6 +60,26 @@ def cache_states(cache) -> list[torch.Tensor]:
         for name in ("conv_states", "recurrent_states"):
             out += [t for t in getattr(layer, name, {}).values() if t is not None]
     return out
+
+
+def test_grouped_sdpa_equals_repeated_keys():
+    """Query heads grouped as rows of their key head give HF's sdpa with repeated keys, for a
+    step and for several tokens, under a mask that hides slots past each token's own."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    gen = torch.Generator().manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 4, True
+    for tokens in (1, 5):
+        query = torch.randn(3, 8, tokens, 16, generator=gen)
+        key, value = (torch.randn(3, 2, 20, 16, generator=gen) for _ in range(2))
+        seen = 11  # slots 0..seen-1 hold earlier tokens; the new ones go after them
+        allowed = torch.arange(20)[None, :] <= seen + torch.arange(tokens)[:, None]
+        mask = torch.zeros(1, 1, tokens, 20).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+        ours, _ = grouped_sdpa(module, query, key, value, mask, scaling=0.25)
+        hf, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+        assert ours.shape == hf.shape == (3, tokens, 8, 16)
+        torch.testing.assert_close(ours, hf, rtol=0, atol=1e-6)
 
 
 def test_branching_copies_linear_attention_states(engines):
