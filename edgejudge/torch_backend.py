@@ -43,6 +43,7 @@ GIB = 1 << 30
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 # Room over weights + cache for a forward's transient buffers and the allocator's slack.
 WORKING_ROOM = 1.2
+ROWS_ROOM = 256  # decode rows' cache length is a multiple of this, so that nearby lengths share them
 
 
 # -- memory ------------------------------------------------------------------------------------
@@ -461,17 +462,22 @@ class TorchEngine:
                     done[r] = token in self.eos_ids or len(tokens[r]) == budgets[r]
             if all(done):
                 break
-            ids.copy_(torch.tensor([int(feeds[r][step]) if step < lengths[r] else chosen[r] for r in range(n)]).view(n, 1))
+            feed = [int(feeds[r][step]) if step < lengths[r] else chosen[r] for r in range(n)]
+            ids.copy_(torch.tensor(feed).view(n, 1))
             logits = rows.run(1)
         if fed is not None:
             fed.extend(after_feed)
         return tokens
 
     def _step_rows(self, prefix: Prefix, batch: int, length: int, common: int) -> StepRows:
-        """Rows for `decode`, loaded with the prefix: the last ones when their shape matches (their
-        captured graphs are reused), else new ones (the old ones freed first)."""
-        if self.rows is not None and (self.rows.batch, self.rows.length, self.rows.common) != (batch, length, common):
+        """Rows for `decode` of at least `length` tokens, loaded with the prefix: the kept ones
+        when they have the batch and common length and room enough (their captured graphs are
+        reused: a rubric over many videos captures again only for a longer video), else new ones
+        (the old ones freed first) with room rounded up to `ROWS_ROOM` tokens."""
+        rows = self.rows
+        if rows is not None and ((rows.batch, rows.common) != (batch, common) or rows.length < length):
             self.rows = None
+        length = self.rows.length if self.rows else -(-length // ROWS_ROOM) * ROWS_ROOM
         self.check_fits(1 if self.rows else 1 + batch, length)  # the prefix, and the rows unless kept
         if self.rows is None:
             self.rows = StepRows(self, prefix.cache, batch, length, common)
@@ -488,9 +494,9 @@ class StepRows:
     The addresses never change, so on CUDA each forward is captured as a CUDA graph once and
     replayed: a forward of a 9B model is hundreds of small kernels, and launching them from
     Python costs more than running them. The rows live as long as the engine keeps them, so a
-    later request of the same shape replays the same graphs. A forward attends through an
-    additive mask over the cache's slots (0 up to each token's own, the float minimum after):
-    the keys HF's own causal mask would show it.
+    later request with as many rows, the same common length and no more tokens replays the same
+    graphs. A forward attends through an additive mask over the cache's slots (0 up to each
+    token's own, the float minimum after): the keys HF's own causal mask would show it.
     """
 
     def __init__(self, engine: TorchEngine, like, batch: int, length: int, common: int):

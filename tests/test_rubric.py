@@ -2,9 +2,10 @@
 
 The system prompt and video are prefilled once (full-attention KV cache and the Gated DeltaNet
 conv/recurrent states), then all 16 axes continue from it as one batch, in lockstep on a static
-cache. Proven equal to running each axis alone: HF `generate` on that axis's own full prompt gives the same greedy tokens (rows
-stopping at EOS at different steps), the same logits at every step (1e-4), and the same digit
-distribution at the score position. Prompts are written here (the real ones are user files).
+cache. Proven equal to running each axis alone: HF `generate` on that axis's own full prompt
+gives the same greedy tokens (rows stopping at EOS at different steps), the same logits at every
+step (1e-4), and the same digit distribution at the score position. Prompts are written here
+(the real ones are user files).
 """
 
 from __future__ import annotations
@@ -153,6 +154,24 @@ def test_rubric_equals_each_axis_alone(engine, clip, monkeypatch):
     assert engine.rows is kept
     assert [t for t, _ in again] == tokens
     np.testing.assert_array_equal(np.array([d for _, d in again]), np.array([d for _, d in results]))
+
+
+def test_kept_rows_serve_a_shorter_request(engine, clip):
+    """Rows kept from a longer video serve a shorter one with the same texts (same rows, same
+    common length): its prefix is loaded over the old one and the slots past it stay masked.
+    The answers equal those on rows built for the shorter video."""
+    texts, prefixes = [axis_text(a) for a in AXES[:4]], [score_prefix(a) for a in AXES[:4]]
+    short = read_video(clip.frames[:2], fps=2.0)
+    engine.rows = None
+    fresh = engine.generate_many([short], texts, 12, SYSTEM, prefixes)
+    fresh_length = engine.rows.length
+    engine.generate_many([read_video(np.concatenate([clip.frames] * 12), fps=2.0)], texts, 12, SYSTEM, prefixes)
+    kept = engine.rows
+    assert kept.length > fresh_length  # the longer video needed longer rows
+    reused = engine.generate_many([short], texts, 12, SYSTEM, prefixes)
+    assert engine.rows is kept
+    assert [t for t, _ in reused] == [t for t, _ in fresh]
+    np.testing.assert_allclose(np.array([d for _, d in reused]), np.array([d for _, d in fresh]), atol=1e-7)
 
 
 def test_duplicate_and_single_texts(engine, clip):
