@@ -337,14 +337,15 @@ def memory_estimate(shape: dict, plan: dict, setup: Setup, workload: Workload, c
     tokens are what each backend holds at its peak: ONNX copies a prefilled view's cache once per
     label of several tokens when there are two or more (`runtime.engine.cache_copies`); the torch
     backend copies it once per label, and holds a rubric's shared prefix and its decode rows (a
-    greedy row and a score row per question); HF one sequence at a time. ONNX's cache buffers allocated ahead of a run come from
-    onnxruntime's Python-side CUDA arena, which grows by powers of two: up to twice the cache is
-    reserved; scoring whose prefill carries every label token holds one layer's cache. ONNX also keeps
+    greedy row and a score row per question, their room rounded up to `ROWS_ROOM` tokens); HF one
+    sequence at a time. ONNX's cache buffers allocated ahead of a run come from onnxruntime's
+    Python-side CUDA arena, which grows by powers of two: up to twice the cache is reserved;
+    scoring whose prefill carries every label token holds one layer's cache. ONNX also keeps
     the vision outputs in a store on the device (in that arena too), sized for the cache's groups
     or the call's, and gathers the decoder's inputs from it (`splice.onnx`)."""
     from edgejudge.runtime.engine import CACHE_GROUPS
     from edgejudge.runtime.vision import PATCHES_PER_RUN
-    from edgejudge.torch_backend import cache_bytes
+    from edgejudge.torch_backend import ROWS_ROOM, cache_bytes
 
     float_bytes = 4 if setup.export == "fp32" or (setup.backend != "onnx" and not cuda) else 2
     text, vis = shape["text"], shape["vis"]
@@ -356,7 +357,7 @@ def memory_estimate(shape: dict, plan: dict, setup: Setup, workload: Workload, c
             if setup.backend != "hf" else (1, plan["prompt"] + width)
     elif setup.backend == "torch":  # the prefix, and a greedy row and a score row per question
         rows = 1 + (2 if workload.spec.score_prefix else 1) * len(plan["suffixes"])
-        tokens = plan["prompt"] + workload.spec.max_new_tokens
+        tokens = -(-(plan["prompt"] + workload.spec.max_new_tokens) // ROWS_ROOM) * ROWS_ROOM
     else:
         rows, tokens = 1, plan.get("cache_tokens", plan["prompt"] + workload.spec.max_new_tokens)
     # ONNX scoring whose prefill carries every label token keeps no cache: its layers share one

@@ -474,9 +474,9 @@ class TorchEngine:
         when they have the batch and common length and room enough (their captured graphs are
         reused: a rubric over many videos captures again only for a longer video), else new ones
         (the old ones freed first) with room rounded up to `ROWS_ROOM` tokens."""
-        rows = self.rows
-        if rows is not None and ((rows.batch, rows.common) != (batch, common) or rows.length < length):
-            self.rows = None
+        kept = self.rows
+        if kept is not None and ((kept.batch, kept.common) != (batch, common) or kept.length < length):
+            self.rows = kept = None  # no reference left: freed before the new ones are allocated
         length = self.rows.length if self.rows else -(-length // ROWS_ROOM) * ROWS_ROOM
         self.check_fits(1 if self.rows else 1 + batch, length)  # the prefix, and the rows unless kept
         if self.rows is None:
@@ -558,6 +558,7 @@ class StepRows:
         return self.engine._logits(hidden[:, -1])
 
     def run(self, count: int) -> torch.Tensor:
+        """`_forward(count)`: its graph replayed, or run eagerly (on a CPU, or with graphs off)."""
         if count not in self.graphs:
             return self._forward(count)
         graph, logits = self.graphs[count]

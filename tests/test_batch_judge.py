@@ -99,13 +99,15 @@ def test_sigkill_three_times_then_resume_equals_an_uninterrupted_run(setup, unin
     command = [sys.executable, "-m", "edgejudge.cli", "run", str(artifact), "--input", str(tmp / "jobs.jsonl"),
                "--out", str(out), "--resume", "--batch", "2", *OPTIONS]
     rng = np.random.default_rng(1234)
-    targets = [int(rng.choice(window)) for window in np.array_split(np.arange(2, JOBS - 3), 3)]  # early, mid, late
+    # early, mid, late; the late window ends 10 jobs (5 batches) before the end, so that the kill
+    # lands before the run finishes even on a fast machine (a CI run once wrote all 30 first)
+    targets = [int(rng.choice(window)) for window in np.array_split(np.arange(2, JOBS - 10), 3)]
     for attempt, target in enumerate(targets):
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
         while _lines(out) < target and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
-        time.sleep(rng.uniform(0, 0.05))
+        time.sleep(rng.uniform(0, 0.02))
         process.send_signal(signal.SIGKILL)
         assert process.wait() == -signal.SIGKILL, f"attempt {attempt} ended before its kill"
         lines = _lines(out)
