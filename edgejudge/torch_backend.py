@@ -415,8 +415,8 @@ class TorchEngine:
         forced = [np.concatenate([s, self.token_ids(p, "score prefix")]) for s, p in zip(suffixes, score_prefixes)]
         fed: list[torch.Tensor] = []
         tokens = self.decode(prefix, [*suffixes, *forced], [max_new_tokens] * len(suffixes) + [0] * len(forced), fed=fed)
-        digits = [digit_probabilities(row.cpu().numpy(), digit_ids) for row in fed[len(suffixes):]]
-        return list(zip(tokens, digits))
+        digit_logits = torch.stack(fed[len(suffixes):])[:, digit_ids].cpu().numpy()  # the five columns only
+        return list(zip(tokens[: len(suffixes)], map(digit_probabilities, digit_logits)))
 
     @torch.no_grad()
     def decode(self, prefix: Prefix, feeds: list[np.ndarray], max_new_tokens: int | list[int],

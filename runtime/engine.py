@@ -58,9 +58,9 @@ def digit_token_ids(prompter) -> list[int]:
     return [int(i[0]) for i in ids]
 
 
-def digit_probabilities(logits: np.ndarray, digit_ids: list[int]) -> np.ndarray:
+def digit_probabilities(digit_logits: np.ndarray) -> np.ndarray:
     """The probabilities of the digits 1-5 at one position: a softmax over their five logits."""
-    chosen = np.asarray(logits[digit_ids], np.float64)
+    chosen = np.asarray(digit_logits, np.float64)
     probs = np.exp(chosen - chosen.max())
     return probs / probs.sum()
 
@@ -521,4 +521,4 @@ class Engine:
         cos, sin = self.decoder.cos_sin(decode_position_ids(prompt.length, len(prefix_ids), prompt.arrays["rope_deltas"]))
         hidden = self.decoder.step(self.decoder.embed(prefix_ids[None]), cos, sin, on_device=True)
         self.decoder.restore(saved)
-        return digit_probabilities(self.decoder.logits(hidden, slice(-1, None))[0, -1], digits)
+        return digit_probabilities(self.decoder.logits(hidden, slice(-1, None))[0, -1, digits])
