@@ -36,7 +36,7 @@ from edgejudge.errors import InputError
 from edgejudge.manifest import MANIFEST_NAME, read_manifest
 from edgejudge.runtime import model as runtime_model
 from edgejudge.runtime.engine import Prompt, StageTimer, digit_probabilities, digit_token_ids, eos_token_ids
-from edgejudge.runtime.preprocess import preprocess_video
+from edgejudge.runtime.preprocess import normalize_table, preprocess_video_levels
 from edgejudge.runtime.video import Clip
 
 GIB = 1 << 30
@@ -160,9 +160,8 @@ def shared_prompt(prompts: list[dict[str, np.ndarray]]) -> tuple[int, list[np.nd
     """
     ids = [p["input_ids"][0] for p in prompts]
     shortest = min(len(i) for i in ids)
-    cut = 0
-    while cut < shortest - 1 and all(i[cut] == ids[0][cut] for i in ids):
-        cut += 1
+    differs = (np.stack([i[: shortest - 1] for i in ids]) != ids[0][: shortest - 1]).any(axis=0)
+    cut = int(differs.argmax()) if differs.any() else shortest - 1
     for p in prompts:
         positions, delta, length = p["position_ids"], int(p["rope_deltas"].reshape(-1)[0]), p["input_ids"].shape[1]
         if not np.array_equal(positions[:, :, :cut], prompts[0]["position_ids"][:, :, :cut]):
@@ -298,24 +297,37 @@ class TorchEngine:
         if not texts:
             raise InputError("no texts to ask")
         with timer("preprocess"):
-            prompts = [runtime_model.prompt_inputs(self.model, clips, t, system) for t in texts]
+            prompts = runtime_model.prompt_inputs_many(self.model, clips, texts, system)
             cut, suffixes = shared_prompt(prompts)
             arrays = {k: v[..., :cut] if k in ("input_ids", "attention_mask", "position_ids") else v
                       for k, v in prompts[0].items()}
-            arrays["pixel_values_videos"] = self._pixels(clips, arrays["video_grid_thw"])
+            arrays["pixel_levels_videos"] = self._levels(clips, arrays["video_grid_thw"])
         with timer("prefill"):
             return self.prefill([arrays]), suffixes
 
-    def _pixels(self, clips: list[Clip], grids: np.ndarray) -> np.ndarray:
-        """`pixel_values_videos` of the clips at their grids' sizes (what build_inputs computes)."""
+    def _levels(self, clips: list[Clip], grids: np.ndarray) -> np.ndarray:
+        """The clips' uint8 patch rows at their grids' sizes (`patch_levels`), to be normalized
+        on the device (`pixel_values`): a quarter of the bytes of `pixel_values_videos` to upload,
+        and no float pass on the host."""
         vision = self.model.vision
-        pixels = np.empty((int(np.prod(grids, axis=1).sum()), vision.patch_dim), np.float32)
+        levels = np.empty((int(np.prod(grids, axis=1).sum()), vision.patch_dim), np.uint8)
         row = 0
         for clip, (t, h, w) in zip(clips, grids.tolist()):
-            preprocess_video(clip.frames, (h * vision.patch_size, w * vision.patch_size), vision,
-                             out=pixels[row : row + t * h * w])
+            preprocess_video_levels(clip.frames, (h * vision.patch_size, w * vision.patch_size), vision,
+                                    out=levels[row : row + t * h * w])
             row += t * h * w
-        return pixels
+        return levels
+
+    def pixel_values(self, arrays: dict[str, np.ndarray]) -> torch.Tensor:
+        """`pixel_values_videos` on the device in the vision tower's dtype: given, or looked up
+        from `pixel_levels_videos` in the processor's table of normalized levels (a gather, so the
+        values are the host's float32 ones, cast once as before)."""
+        if "pixel_values_videos" in arrays:
+            return torch.from_numpy(arrays["pixel_values_videos"]).to(self.device).to(self.net.dtype)
+        table = torch.from_numpy(normalize_table(self.model.vision)).to(self.device).to(self.net.dtype)
+        levels = torch.from_numpy(arrays["pixel_levels_videos"]).to(self.device).long()
+        per_channel = levels.shape[1] // len(table)
+        return torch.cat([table[c][levels[:, c * per_channel : (c + 1) * per_channel]] for c in range(len(table))], 1)
 
     def check_fits(self, batch: int, length: int) -> None:
         """Refuse a request whose cache of `batch` x `length` tokens, with the weights and the
@@ -362,8 +374,9 @@ class TorchEngine:
             return torch.from_numpy(np.concatenate([p[key] for p in prompts], axis=axis)).to(self.device)
 
         cache = DynamicCache(config=self.net.config)
+        pixels = [self.pixel_values(p) for p in prompts]
         hidden = self._hidden(cache, stack("input_ids"), stack("position_ids", axis=1),
-                              pixel_values_videos=stack("pixel_values_videos").to(self.net.dtype),
+                              pixel_values_videos=pixels[0] if len(pixels) == 1 else torch.cat(pixels),
                               video_grid_thw=stack("video_grid_thw"))
         prefix = Prefix(cache, length, stack("rope_deltas").view(-1, 1), self._logits(hidden[:, -1]))
         if self.device.type == "cuda":
@@ -429,22 +442,37 @@ class TorchEngine:
 
         All rows advance in lockstep on one static cache, so no row ever holds a pad or a hole:
         the feeds' common length is one forward, then every step feeds each row one token, the
-        next of its feed while it has one, else its own greedy choice.
+        next of its feed while it has one, else its own greedy choice. Rows whose feeds start
+        with the same common tokens (an axis and its score read) share the rows of that forward.
         """
         n, lengths = len(feeds), [len(f) for f in feeds]
         budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * n
         common = min(lengths)
+        firsts: dict[bytes, int] = {}
+        sources = [firsts.setdefault(np.asarray(f[:common], np.int64).tobytes(), r) for r, f in enumerate(feeds)]
+        order = sorted(range(n), key=lambda r: (sources[r] != r, r))  # each common start's first row first
+        if order != list(range(n)):
+            inner_fed: list[torch.Tensor] | None = None if fed is None else []
+            inner = self.decode(prefix, [feeds[r] for r in order], [budgets[r] for r in order],
+                                None if step_logits is None else [step_logits[r] for r in order], inner_fed)
+            back = sorted(range(n), key=order.__getitem__)  # each row's position in `order`
+            if fed is not None:
+                fed.extend(inner_fed[p] for p in back)
+            return [inner[p] for p in back]
+        heads = len(firsts) if common else n
         last = max(length + max(budget, 1) for length, budget in zip(lengths, budgets))  # tokens a row ever holds
-        rows = self._step_rows(prefix, n, prefix.length + last - 1, common)
+        rows = self._step_rows(prefix, n, prefix.length + last - 1, common, heads)
+        rows.sources.copy_(torch.tensor(sources if common else list(range(n))))
         deltas = prefix.rope_deltas[[0] * n]
         if common:
-            ids, positions = rows.inputs[common]
-            ids.copy_(torch.from_numpy(np.stack([np.asarray(f[:common], np.int64) for f in feeds])))
-            positions.copy_(self._positions(torch.full((n,), prefix.length, device=self.device), common, deltas))
-            logits = rows.run(common)
+            ids, positions = rows.inputs["common"]
+            ids.copy_(torch.from_numpy(np.stack([np.asarray(f[:common], np.int64) for f in feeds[:heads]])))
+            positions.copy_(self._positions(torch.full((heads,), prefix.length, device=self.device), common,
+                                            deltas[:heads]))
+            logits = rows.run("common")
         else:
             logits = prefix.last_logits[[0] * n]
-        ids, positions = rows.inputs[1]
+        ids, positions = rows.inputs["step"]
         positions.copy_(self._positions(torch.full((n,), prefix.length + common, device=self.device), 1, deltas))
         tokens: list[list[int]] = [[] for _ in range(n)]
         after_feed: list[torch.Tensor | None] = [None] * n
@@ -464,23 +492,23 @@ class TorchEngine:
                 break
             feed = [int(feeds[r][step]) if step < lengths[r] else chosen[r] for r in range(n)]
             ids.copy_(torch.tensor(feed).view(n, 1))
-            logits = rows.run(1)
+            logits = rows.run("step")
         if fed is not None:
             fed.extend(after_feed)
         return tokens
 
-    def _step_rows(self, prefix: Prefix, batch: int, length: int, common: int) -> StepRows:
+    def _step_rows(self, prefix: Prefix, batch: int, length: int, common: int, heads: int) -> StepRows:
         """Rows for `decode` of at least `length` tokens, loaded with the prefix: the kept ones
-        when they have the batch and common length and room enough (their captured graphs are
-        reused: a rubric over many videos captures again only for a longer video), else new ones
-        (the old ones freed first) with room rounded up to `ROWS_ROOM` tokens."""
+        when they have the batch, common length and heads and room enough (their captured graphs
+        are reused: a rubric over many videos captures again only for a longer video), else new
+        ones (the old ones freed first) with room rounded up to `ROWS_ROOM` tokens."""
         kept = self.rows
-        if kept is not None and ((kept.batch, kept.common) != (batch, common) or kept.length < length):
+        if kept is not None and ((kept.batch, kept.common, kept.heads) != (batch, common, heads) or kept.length < length):
             self.rows = kept = None  # no reference left: freed before the new ones are allocated
         length = self.rows.length if self.rows else -(-length // ROWS_ROOM) * ROWS_ROOM
         self.check_fits(1 if self.rows else 1 + batch, length)  # the prefix, and the rows unless kept
         if self.rows is None:
-            self.rows = StepRows(self, prefix.cache, batch, length, common)
+            self.rows = StepRows(self, prefix.cache, batch, length, common, heads)
         self.rows.load(prefix)
         return self.rows
 
@@ -488,22 +516,26 @@ class TorchEngine:
 class StepRows:
     """`batch` rows that continue one prefix over preallocated buffers: a static cache of `length`
     tokens (HF's StaticCache: key/value buffers for full-attention layers, conv and recurrent
-    states for linear-attention ones) and the inputs of two forwards, `common` tokens a row (the
-    feeds' shared length) and one token a row (a step).
+    states for linear-attention ones) and the inputs of two forwards: "common", `common` tokens
+    on each of the first `heads` rows, and "step", one token on every row.
+
+    Rows whose feeds start with the same common tokens need that forward once: it runs on the
+    first `heads` rows (views of the cache's first rows), and then every other row is copied
+    from its source row (`sources`), cache and logits, as if it had run the forward itself.
 
     The addresses never change, so on CUDA each forward is captured as a CUDA graph once and
     replayed: a forward of a 9B model is hundreds of small kernels, and launching them from
     Python costs more than running them. The rows live as long as the engine keeps them, so a
-    later request with as many rows, the same common length and no more tokens replays the same
-    graphs. A forward attends through an additive mask over the cache's slots (0 up to each
-    token's own, the float minimum after): the keys HF's own causal mask would show it.
+    later request with as many rows, heads, the same common length and no more tokens replays
+    the same graphs. A forward attends through an additive mask over the cache's slots (0 up to
+    each token's own, the float minimum after): the keys HF's own causal mask would show it.
     """
 
-    def __init__(self, engine: TorchEngine, like, batch: int, length: int, common: int):
+    def __init__(self, engine: TorchEngine, like, batch: int, length: int, common: int, heads: int):
         from transformers import StaticCache
         from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
-        self.engine, self.batch, self.length, self.common = engine, batch, length, common
+        self.engine, self.batch, self.length, self.common, self.heads = engine, batch, length, common, heads
         device = engine.device
         self.cache = StaticCache(config=engine.net.config, max_cache_len=length)
         for src, dst in zip(like.layers, self.cache.layers):
@@ -517,15 +549,38 @@ class StepRows:
                 dst.lazy_initialization(src.keys.new_empty((batch, *src.keys.shape[1:])),
                                         src.values.new_empty((batch, *src.values.shape[1:])))
         self.linear = LinearAttentionCacheLayerMixin
-        counts = sorted({1, common} - {0})
-        self.inputs = {count: (torch.zeros((batch, count), dtype=torch.long, device=device),
-                               torch.zeros((3, batch, count), dtype=torch.long, device=device)) for count in counts}
+        self.head = self._first_rows(heads)
+        self.sources = torch.zeros(batch, dtype=torch.long, device=device)  # each row's row in the common forward
+        shapes = {"step": (batch, 1), **({"common": (heads, common)} if common else {})}
+        self.inputs = {name: (torch.zeros(shape, dtype=torch.long, device=device),
+                              torch.zeros((3, *shape), dtype=torch.long, device=device)) for name, shape in shapes.items()}
         self.seen = torch.zeros((), dtype=torch.long, device=device)  # tokens in the cache
         self.slots = torch.arange(length, device=device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[str, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if device.type == "cuda" and engine.cuda_graphs:
-            for count in counts:
-                self._capture(count)
+            for name in shapes:
+                self._capture(name)
+
+    def _first_rows(self, rows: int):
+        """The cache seen through its first `rows` rows: each layer a shallow copy whose buffers
+        are views, so that a forward on it writes the big cache in place (the token counts are
+        the same tensors)."""
+        if rows == self.batch:
+            return self.cache
+        head = copy.copy(self.cache)
+        head.layers = [copy.copy(layer) for layer in self.cache.layers]
+        for layer in head.layers:
+            if isinstance(layer, self.linear):
+                layer.conv_states = {0: layer.conv_states[0][:rows]}
+                layer.recurrent_states = {0: layer.recurrent_states[0][:rows]}
+            else:
+                layer.keys, layer.values = layer.keys[:rows], layer.values[:rows]
+        return head
+
+    def _buffers(self, cache) -> list[torch.Tensor]:
+        """Every per-row buffer of `cache`: keys and values, conv and recurrent states."""
+        return [t for layer in cache.layers for t in ((layer.conv_states[0], layer.recurrent_states[0])
+                                                       if isinstance(layer, self.linear) else (layer.keys, layer.values))]
 
     def masks(self, count: int) -> torch.Tensor:
         """The (1, 1, count, length) attention mask of `count` new tokens after the cached ones.
@@ -536,8 +591,10 @@ class StepRows:
         return mask.masked_fill_(self.slots[None, :] > query[:, None], torch.finfo(dtype).min)
 
     def load(self, prefix: Prefix) -> None:
-        """Every row starts as prefix row 0: its keys, values and states copied in place."""
-        for src, dst in zip(prefix.cache.layers, self.cache.layers):
+        """Every row of the next forward starts as prefix row 0: its keys, values and states
+        copied in place (with a common forward, its rows only: it copies the rest)."""
+        loaded = self.head if self.common else self.cache
+        for src, dst in zip(prefix.cache.layers, loaded.layers):
             if isinstance(dst, self.linear):
                 dst.conv_states[0].copy_(src.conv_states[0][:1])
                 dst.recurrent_states[0].copy_(src.recurrent_states[0][:1])
@@ -547,26 +604,34 @@ class StepRows:
                 dst.cumulative_length.fill_(prefix.length)
         self.seen.fill_(prefix.length)
 
-    def _forward(self, count: int) -> torch.Tensor:
-        """`count` tokens a row (`inputs[count]`) into the cache; the logits of each row's last.
-        Advances the positions and the count of tokens seen, so that a replay continues where
-        the last one stopped."""
-        ids, positions = self.inputs[count]
-        hidden = self.engine._hidden(self.cache, ids, positions, attention_mask=self.masks(count))
+    def _forward(self, name: str) -> torch.Tensor:
+        """Forward `name` ("common" or "step", its `inputs`) into the cache; the logits of every
+        row's last token. Advances the positions and the count of tokens seen, so that a replay
+        continues where the last one stopped."""
+        ids, positions = self.inputs[name]
+        count = ids.shape[1]
+        cache = self.head if name == "common" else self.cache
+        hidden = self.engine._hidden(cache, ids, positions, attention_mask=self.masks(count))
         self.seen.add_(count)
         positions.add_(count)
-        return self.engine._logits(hidden[:, -1])
+        logits = self.engine._logits(hidden[:, -1])
+        if name == "common" and self.heads < self.batch:
+            rest = self.sources[self.heads :]
+            for buffer in self._buffers(self.cache):
+                torch.index_select(buffer[: self.heads], 0, rest, out=buffer[self.heads :])
+            logits = logits[self.sources]
+        return logits
 
-    def run(self, count: int) -> torch.Tensor:
-        """`_forward(count)`: its graph replayed, or run eagerly (on a CPU, or with graphs off)."""
-        if count not in self.graphs:
-            return self._forward(count)
-        graph, logits = self.graphs[count]
+    def run(self, name: str) -> torch.Tensor:
+        """`_forward(name)`: its graph replayed, or run eagerly (on a CPU, or with graphs off)."""
+        if name not in self.graphs:
+            return self._forward(name)
+        graph, logits = self.graphs[name]
         graph.replay()
         return logits
 
-    def _capture(self, count: int) -> None:
-        """Capture `_forward(count)` as a CUDA graph, after two eager runs on a side stream
+    def _capture(self, name: str) -> None:
+        """Capture `_forward(name)` as a CUDA graph, after two eager runs on a side stream
         (Triton's autotuning and the libraries' workspaces must happen outside the capture).
         These runs write garbage into the cache; `load` overwrites every slot a request reads."""
         device = self.engine.device
@@ -574,12 +639,12 @@ class StepRows:
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._forward(count)
+                self._forward(name)
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                logits = self._forward(count)
+                logits = self._forward(name)
         except torch.OutOfMemoryError:
-            raise InputError(f"out of GPU memory capturing a forward of {self.batch} x {count} tokens") from None
-        self.graphs[count] = (graph, logits)
+            raise InputError(f"out of GPU memory capturing the {name} forward of {self.batch} rows") from None
+        self.graphs[name] = (graph, logits)

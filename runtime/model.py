@@ -106,18 +106,19 @@ def render_prompt(model: Model, num_videos: int, text: str, system: str | None =
     return model.prompter.render(user_turn(num_videos, text, system), add_generation_prompt=True)
 
 
-def expand_and_encode(model: Model, prompt: str, placeholder: str, texts: list[str], what: str) -> np.ndarray:
-    """Token ids of a rendered prompt with its i-th `placeholder` replaced by texts[i] (a vision
-    input's pad tokens); InputError when the counts differ or the prompt outgrows the context."""
-    pieces = prompt.split(placeholder)
-    if len(pieces) != len(texts) + 1:
-        raise InputError(f"the chat template produced {len(pieces) - 1} {what} placeholders for {len(texts)} {what}s")
-    expanded = [pieces[0]]
-    for text, after in zip(texts, pieces[1:]):
-        expanded += [text, after]
-    ids = model.prompter.encode("".join(expanded))
-    if len(ids) + 1 > model.max_positions:
-        raise InputError(f"the prompt is {len(ids)} tokens, over the model's context of {model.max_positions}")
+def expand_and_encode(model: Model, prompts: list[str], placeholder: str, texts: list[str], what: str
+                      ) -> list[np.ndarray]:
+    """Token ids of rendered prompts with their i-th `placeholder` replaced by texts[i] (a vision
+    input's pad tokens); InputError when the counts differ or a prompt outgrows the context."""
+    expanded = []
+    for prompt in prompts:
+        pieces = prompt.split(placeholder)
+        if len(pieces) != len(texts) + 1:
+            raise InputError(f"the chat template produced {len(pieces) - 1} {what} placeholders for {len(texts)} {what}s")
+        expanded.append(pieces[0] + "".join(text + after for text, after in zip(texts, pieces[1:])))
+    ids = model.prompter.encode_many(expanded)
+    if (longest := max(len(i) for i in ids)) + 1 > model.max_positions:
+        raise InputError(f"the prompt is {longest} tokens, over the model's context of {model.max_positions}")
     return ids
 
 
@@ -125,24 +126,33 @@ def prompt_inputs(model: Model, clips: list[Clip], text: str, system: str | None
     """The text side of `build_inputs` (everything but `pixel_values_videos`), for callers that
     preprocess the frames themselves (the engine's vision cache preprocesses only new groups).
     Each video's target size is its grid times the patch size."""
+    return prompt_inputs_many(model, clips, [text], system)[0]
+
+
+def prompt_inputs_many(model: Model, clips: list[Clip], texts: list[str], system: str | None = None
+                       ) -> list[dict[str, np.ndarray]]:
+    """`prompt_inputs` of several texts about the same videos (a rubric's axes): the videos'
+    grids and token texts worked out once, the prompts tokenized as one batch."""
     family, vision = model.family, model.vision
-    prompt = render_prompt(model, len(clips), text, system)
     sizes = [family.target_size(len(c.frames), c.frames.shape[1], c.frames.shape[2], vision, model.hf) for c in clips]
     grids = [vision.grid(len(c.frames), h, w) for c, (h, w) in zip(clips, sizes)]
-    texts = [family.video_text(clip.indices, clip.fps, grid, vision) for clip, grid in zip(clips, grids)]
-    ids = expand_and_encode(model, prompt, family.video_placeholder(model.hf), texts, "video")
+    video_texts = [family.video_text(clip.indices, clip.fps, grid, vision) for clip, grid in zip(clips, grids)]
+    rendered = [render_prompt(model, len(clips), text, system) for text in texts]
     extras = [family.video_extras(clip, vision, model.hf) for clip in clips]
-    positions, delta = family.position_ids(ids, model.video_token_id, grids, model.config, extras, model.hf)
-    arrays = {
-        "input_ids": ids[None, :],
-        "attention_mask": np.ones((1, len(ids)), dtype=np.int64),
-        "video_grid_thw": np.asarray(grids, dtype=np.int64).reshape(-1, 3),
-        "position_ids": positions,
-        "rope_deltas": np.asarray([[delta]], dtype=np.int64),
-    }
-    for key in extras[0] if extras else ():
-        arrays[key] = np.asarray([e[key] for e in extras], dtype=np.float32)
-    return arrays
+    out = []
+    for ids in expand_and_encode(model, rendered, family.video_placeholder(model.hf), video_texts, "video"):
+        positions, delta = family.position_ids(ids, model.video_token_id, grids, model.config, extras, model.hf)
+        arrays = {
+            "input_ids": ids[None, :],
+            "attention_mask": np.ones((1, len(ids)), dtype=np.int64),
+            "video_grid_thw": np.asarray(grids, dtype=np.int64).reshape(-1, 3),
+            "position_ids": positions,
+            "rope_deltas": np.asarray([[delta]], dtype=np.int64),
+        }
+        for key in extras[0] if extras else ():
+            arrays[key] = np.asarray([e[key] for e in extras], dtype=np.float32)
+        out.append(arrays)
+    return out
 
 
 def build_inputs(model: Model, clips: list[Clip], text: str, system: str | None = None) -> dict[str, np.ndarray]:
@@ -174,7 +184,7 @@ def image_prompt_inputs(model: Model, messages: list[dict], sizes: list[tuple[in
         raise InputError(f"{model.family_name}: conversations with images are supported for Qwen2.5-VL only")
     grids = [vision.grid(1, h, w) for h, w in sizes]
     prompt = model.prompter.render(messages, add_generation_prompt=True)
-    ids = expand_and_encode(model, prompt, family.IMAGE_PAD, [family.image_text(g, vision) for g in grids], "image")
+    [ids] = expand_and_encode(model, [prompt], family.IMAGE_PAD, [family.image_text(g, vision) for g in grids], "image")
     image_token_id = int(model.config["image_token_id"])
     positions, delta = family.image_position_ids(ids, image_token_id, grids, model.config)
     return {"input_ids": ids[None, :], "image_grid_thw": np.asarray(grids, dtype=np.int64).reshape(-1, 3),

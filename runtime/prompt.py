@@ -117,16 +117,23 @@ class Prompter:
         Same ids as encoding the whole string: pads are added tokens, which the tokenizer splits
         out before anything else, so the text around them tokenizes the same either way.
         """
-        parts = self._pad_runs.split(text)
-        texts = self.tokenizer.encode_batch(parts[0::2], add_special_tokens=False)
-        ids = []
-        for i, part in enumerate(parts):
-            if i % 2:
-                token = part[: part.index("|>") + 2]
-                ids.append(np.full(len(part) // len(token), self._pad_ids[token], np.int64))
-            else:
-                ids.append(np.asarray(texts[i // 2].ids, np.int64))
-        return np.concatenate(ids)
+        return self.encode_many([text])[0]
+
+    def encode_many(self, texts: list[str]) -> list[np.ndarray]:
+        """`encode` of each text, all their pieces in one batch (the tokenizer's threads share it)."""
+        splits = [self._pad_runs.split(text) for text in texts]
+        pieces = iter(self.tokenizer.encode_batch([p for parts in splits for p in parts[0::2]], add_special_tokens=False))
+        out = []
+        for parts in splits:
+            ids = []
+            for i, part in enumerate(parts):
+                if i % 2:
+                    token = part[: part.index("|>") + 2]
+                    ids.append(np.full(len(part) // len(token), self._pad_ids[token], np.int64))
+                else:
+                    ids.append(np.asarray(next(pieces).ids, np.int64))
+            out.append(np.concatenate(ids))
+        return out
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)

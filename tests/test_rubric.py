@@ -145,7 +145,10 @@ def test_rubric_equals_each_axis_alone(engine, clip, monkeypatch):
     # the position each row reads its last logits at: its last token's, or its score's
     last_read = max(*(n + len(t) - 1 for n, t in zip(feeds, tokens)), *feeds[len(AXES):])
     rows = 2 * len(AXES)
-    assert calls == [(1, prefix.length), (rows, min(feeds))] + [(rows, 1)] * (last_read - min(feeds))
+    # an axis and its score read start alike: the common forward runs once per distinct start
+    heads = len({tuple(s[: min(feeds)]) for s in suffixes})
+    assert heads == len(AXES)
+    assert calls == [(1, prefix.length), (heads, min(feeds))] + [(rows, 1)] * (last_read - min(feeds))
 
     # A second request of the same shape reuses the rows (their buffers, on CUDA their graphs),
     # overwritten by the new prefix.
@@ -154,6 +157,21 @@ def test_rubric_equals_each_axis_alone(engine, clip, monkeypatch):
     assert engine.rows is kept
     assert [t for t, _ in again] == tokens
     np.testing.assert_array_equal(np.array([d for _, d in again]), np.array([d for _, d in results]))
+
+
+def test_rows_sharing_a_start_in_any_order(engine, clip):
+    """Rows whose feeds start alike share the common forward whatever their order (here a score
+    read before its own axis): tokens and logits after each feed equal each feed run alone."""
+    texts = [axis_text(a) for a in AXES[:2]]
+    prefix, (first, second) = engine.prefill_shared([clip], texts, SYSTEM)
+    forced = np.concatenate([first, engine.model.prompter.encode(score_prefix(AXES[0]))])
+    feeds, budgets = [forced, first, second], [0, 6, 6]
+    fed: list = []
+    tokens = engine.decode(prefix, feeds, budgets, fed=fed)
+    for feed, budget, row_tokens, row_fed in zip(feeds, budgets, tokens, fed):
+        alone_fed: list = []
+        assert engine.decode(prefix, [feed], budget, fed=alone_fed) == [row_tokens]
+        torch.testing.assert_close(row_fed, alone_fed[0], atol=1e-5, rtol=0)
 
 
 def test_kept_rows_serve_a_shorter_request(engine, clip):

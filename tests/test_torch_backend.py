@@ -82,6 +82,19 @@ def test_grouped_sdpa_equals_repeated_keys():
         torch.testing.assert_close(ours, hf, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5"])
+def test_pixel_levels_normalized_on_device_equal_host_pixels(engines, family):
+    """The uint8 patch rows the torch backend uploads, looked up in the normalization table, are
+    the float pixel values the processor computes on the host, bit for bit."""
+    engine = engines[family]
+    clip = read_video(frames(3, count=4, height=70, width=100))
+    host = runtime_model.build_inputs(engine.model, [clip], "x")
+    levels = engine._levels([clip], host["video_grid_thw"])
+    assert levels.dtype == np.uint8 and levels.shape == host["pixel_values_videos"].shape
+    looked_up = engine.pixel_values({"pixel_levels_videos": levels})
+    assert torch.equal(looked_up, engine.pixel_values(host))
+
+
 def test_branching_copies_linear_attention_states(engines):
     engine = engines["qwen3_5"]
     prefix = engine.prefill([engine.prompt([read_video(frames(1))], TEXT).arrays])
