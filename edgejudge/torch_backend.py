@@ -568,11 +568,11 @@ class StepRows:
         if rows == self.batch:
             return self.cache
         head = copy.copy(self.cache)
-        head.layers = [copy.copy(layer) for layer in self.cache.layers]
+        head.layers = [_copy_layer(layer) for layer in self.cache.layers]
         for layer in head.layers:
             if isinstance(layer, self.linear):
-                layer.conv_states = {0: layer.conv_states[0][:rows]}
-                layer.recurrent_states = {0: layer.recurrent_states[0][:rows]}
+                layer.conv_states[0] = layer.conv_states[0][:rows]
+                layer.recurrent_states[0] = layer.recurrent_states[0][:rows]
             else:
                 layer.keys, layer.values = layer.keys[:rows], layer.values[:rows]
         return head
