@@ -48,6 +48,10 @@ OVERHEAD_BYTES = {"onnx": 1.0 * GIB, "torch": 1.8 * GIB, "hf": 2.7 * GIB}
 # vision arena, handed back after each call: this many of a patch row's (intermediate + hidden)
 # floats per row of its largest run (W1: 0.58 GiB for 8,036 rows).
 ONNX_DECODER_FIXED, ONNX_DECODER_PER_TOKEN, ONNX_VISION_PER_ROW = 1.4 * GIB, 9.0, 8.0
+# The torch backend's prompt prefill graph keeps its one-row cache, buffers and the memory pool of
+# its forward between requests: this many of one prompt token's (intermediate + hidden) floats
+# (measured on the H100: 0.609 GiB reserved for W2's 1,224 tokens, 16.3 of them; rounded up).
+TORCH_PROMPT_GRAPH_PER_TOKEN = 17.0
 STAGES = ("decode_video", "preprocess", "vision", "prefill", "scoring", "distribution", "decode")
 
 # -- workloads ---------------------------------------------------------------------------------
@@ -387,10 +391,14 @@ def memory_estimate(shape: dict, plan: dict, setup: Setup, workload: Workload, c
                           + logit_positions * text["vocab"] * (4 + float_bytes), vision)
         if setup.backend == "torch" and not plan["labels"]:
             # decode's two CUDA graphs (the rows' common tokens, one token a row) keep their buffers
-            # between requests: each its logits and a dequantized weight, the first its activations
+            # between requests: each its logits and a dequantized weight, the first its activations;
+            # so does the prompt's prefill graph, whose pool then holds the prefill's activations
             answer_rows, common = rows - 1, min(plan["suffixes"])
             graph = answer_rows * text["vocab"] * (4 + float_bytes) + text["hidden"] * text["intermediate"] * float_bytes
-            activations += 2 * graph + answer_rows * common * (2 * text["intermediate"] + 4 * text["hidden"]) * float_bytes
+            prompt_graph = (TORCH_PROMPT_GRAPH_PER_TOKEN * plan["prompt"] * (text["intermediate"] + text["hidden"])
+                            * float_bytes)
+            activations = (vision + prompt_graph + 2 * graph
+                           + answer_rows * common * (2 * text["intermediate"] + 4 * text["hidden"]) * float_bytes)
     weights = device_weight_bytes(shape, setup, float_bytes)
     overhead = OVERHEAD_BYTES[setup.backend] if cuda else 0
     total = weights + kv + activations + overhead

@@ -9,7 +9,8 @@ Prefills and scoring use transformers' DynamicCache. For Qwen3.5 it holds, besid
 tensors of the full-attention layers, the conv and recurrent states of the Gated DeltaNet layers.
 transformers 5.17's `Cache.batch_repeat_interleave` does not reach those (its LinearAttentionLayer
 has no such method), so rows are branched with `reorder_cache`, which every layer kind implements.
-Greedy decoding continues on a StaticCache (`StepRows`), whose steps run as CUDA graphs on a GPU.
+Greedy decoding starts from a prompt prefilled on a one-row StaticCache (`PromptRows`) and continues
+on a StaticCache of its rows (`StepRows`); on a GPU both run their forwards as CUDA graphs.
 
 Exactness rules that shape the code:
 - Right padding is exact for reading logits (causal: a pad only affects positions after it), so
@@ -217,6 +218,7 @@ class TorchEngine:
         self.gpu_mem_gb = gpu_mem_gb
         self.cap_bytes = None if gpu_mem_gb is None else int(gpu_mem_gb * GIB)
         self.rows: StepRows | None = None  # decode's rows, kept for the next request of their shape
+        self.prompt_rows: PromptRows | None = None  # the last decoded prompt's prefill, kept likewise
         self.check_fits(0, 0)  # the weights alone, before any is read
         if self.cap_bytes is not None:
             device_index = torch.device(device).index or 0
@@ -229,6 +231,10 @@ class TorchEngine:
         except torch.OutOfMemoryError:
             raise InputError(f"{folder}: out of GPU memory while loading the weights") from None
         use_grouped_sdpa(self.net)
+        # Qwen3-VL adds visual features inside its first decoder layers (deepstack): its language
+        # model needs more than the prompt's embeddings, so its prompts prefill as one HF forward.
+        self.deepstack = bool(getattr(self.net.config.vision_config, "deepstack_visual_indexes", None))
+        self.vision_inputs: tuple[bytes, dict] | None = None  # the last video grid's, see `video_features`
         self.device = torch.device(device)
         self.eos_ids = eos_token_ids(self.model)
         self.cuda_graphs = True  # decode's forwards replayed as CUDA graphs on a CUDA device
@@ -266,7 +272,7 @@ class TorchEngine:
         `score_prefix` the probabilities of the digits 1-5 right after prompt + prefix."""
         timer = timer or StageTimer()
         with timer("prefill"):
-            prefix = self.prefill([prompt.arrays])
+            prefix = self.prefill_one(prompt.arrays)
         with timer("decode"):
             return self.answers(prefix, [np.zeros(0, np.int64)], max_new_tokens,
                                 None if score_prefix is None else [score_prefix])[0]
@@ -303,7 +309,7 @@ class TorchEngine:
                       for k, v in prompts[0].items()}
             arrays["pixel_levels_videos"] = self._levels(clips, arrays["video_grid_thw"])
         with timer("prefill"):
-            return self.prefill([arrays]), suffixes
+            return self.prefill_one(arrays), suffixes
 
     def _levels(self, clips: list[Clip], grids: np.ndarray) -> np.ndarray:
         """The clips' uint8 patch rows at their grids' sizes (`patch_levels`), to be normalized
@@ -331,25 +337,29 @@ class TorchEngine:
 
     def check_fits(self, batch: int, length: int) -> None:
         """Refuse a request whose cache of `batch` x `length` tokens, with the weights and the
-        decode rows kept from an earlier request, would not fit the memory cap (with batch 0:
-        the weights alone)."""
+        prompt and decode rows kept from an earlier request, would not fit the memory cap (with
+        batch 0: the weights alone)."""
         if self.cap_bytes is None:
             return
-        kept = cache_bytes(self.text_config, self.rows.batch, self.rows.length, self.float_bytes) if self.rows else 0
+        kept = sum(cache_bytes(self.text_config, rows.batch, rows.length, self.float_bytes)
+                   for rows in (self.rows, self.prompt_rows) if rows)
         need = (self.weights_bytes + kept + cache_bytes(self.text_config, batch, length, self.float_bytes)) * WORKING_ROOM
         if need > self.cap_bytes:
             what = f"{batch} x {length} tokens need" if batch else "the weights need"
             raise InputError(f"{self.model.path}: {what} about {need / GIB:.3g} GiB with working room, over the GPU "
                              f"memory cap of {self.cap_bytes / GIB:.3g} GiB")
 
-    def _hidden(self, cache, ids: torch.Tensor, positions: torch.Tensor, attention_mask=None, **vision
-                ) -> torch.Tensor:
-        """Final-norm hidden states (B, S, hidden) of `ids` appended to `cache` (updated in place)."""
+    def _hidden(self, cache, ids: torch.Tensor | None, positions: torch.Tensor, attention_mask=None,
+                embeds: torch.Tensor | None = None, **vision) -> torch.Tensor:
+        """Final-norm hidden states (B, S, hidden) of `ids` (or of their `embeds`) appended to
+        `cache` (updated in place)."""
         try:
-            return self.net.model(input_ids=ids, position_ids=positions, attention_mask=attention_mask,
-                                  past_key_values=cache, use_cache=True, **vision).last_hidden_state
+            return self.net.model(input_ids=ids, inputs_embeds=embeds, position_ids=positions,
+                                  attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+                                  **vision).last_hidden_state
         except torch.OutOfMemoryError:
-            raise InputError(f"out of GPU memory for {ids.shape[0]} x {ids.shape[1]} tokens after "
+            batch, length = (ids if ids is not None else embeds).shape[:2]
+            raise InputError(f"out of GPU memory for {batch} x {length} tokens after "
                              f"{cache.get_seq_length()} cached") from None
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -382,6 +392,64 @@ class TorchEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the stage timers measure the work, not its launch
         return prefix
+
+    @torch.no_grad()
+    def prefill_one(self, arrays: dict[str, np.ndarray]) -> Prefix:
+        """One prompt prefilled for decoding to continue from: its videos encoded and their features
+        put in the prompt's embeddings, then the language model over those on the one-row static
+        cache of `PromptRows` (a CUDA graph per prompt length on a GPU: a 9B model's eager forward
+        spends more time launching kernels than running them). The prefix holds until the next
+        call. Deepstack models prefill as one HF forward (`prefill`)."""
+        if self.deepstack:
+            return self.prefill([arrays])
+        length = arrays["input_ids"].shape[1]
+        if self.prompt_rows is not None and self.prompt_rows.length != length:
+            self.prompt_rows = None  # no reference left: freed before the new ones are allocated
+        if self.prompt_rows is None:
+            self.check_fits(1, length)
+        embeds = self.embeddings(arrays)
+        if self.prompt_rows is None:
+            self.prompt_rows = PromptRows(self, length)
+        positions = torch.from_numpy(arrays["position_ids"]).to(self.device)
+        logits = self.prompt_rows.run(embeds, positions)
+        prefix = Prefix(self.prompt_rows.cache, length,
+                        torch.from_numpy(arrays["rope_deltas"]).to(self.device).view(-1, 1), logits.clone())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the stage timers measure the work, not its launch
+        return prefix
+
+    def embeddings(self, arrays: dict[str, np.ndarray]) -> torch.Tensor:
+        """(1, length, hidden) embeddings of one prompt's tokens, its videos' features in their
+        placeholders, in order (what HF's forward does with `masked_scatter`)."""
+        ids = arrays["input_ids"][0]
+        embeds = self.net.model.get_input_embeddings()(torch.from_numpy(ids).to(self.device)[None])
+        if "video_grid_thw" not in arrays:
+            return embeds
+        features = self.video_features(arrays)
+        slots = np.flatnonzero(ids == self.model.video_token_id)
+        if len(slots) != len(features):
+            raise InputError(f"the prompt has {len(slots)} video tokens for {len(features)} video features")
+        embeds[0, torch.from_numpy(slots).to(self.device)] = features.to(embeds.dtype)
+        return embeds
+
+    def video_features(self, arrays: dict[str, np.ndarray]) -> torch.Tensor:
+        """The vision tower's merged features of a prompt's videos, one row per video token.
+
+        The tower's per-frame attention bounds (`cu_seqlens`) are given on the host and its rotary
+        position ids precomputed once per grid: HF would derive them on the device and read them
+        back in every block, a device sync each time (transformers' vision_utils takes both
+        precomputed; the values are its own). A rubric's videos of one size reuse them."""
+        from transformers import vision_utils
+
+        grids = arrays["video_grid_thw"]
+        grid = torch.from_numpy(grids).to(self.device)
+        if self.vision_inputs is None or self.vision_inputs[0] != grids.tobytes():
+            self.vision_inputs = grids.tobytes(), {
+                "cu_seqlens": vision_utils.get_vision_cu_seqlens(torch.from_numpy(grids)),
+                "position_ids": vision_utils.get_vision_position_ids(grid, self.net.model.visual.spatial_merge_size)}
+        out = self.net.model.get_video_features(self.pixel_values(arrays), grid, return_dict=True,
+                                                **self.vision_inputs[1])
+        return torch.cat(out.pooler_output)
 
     @torch.no_grad()
     def continuation_logits(self, prefix: Prefix, rows: list[int], continuations: list[np.ndarray],
@@ -599,8 +667,8 @@ class StepRows:
                 dst.conv_states[0].copy_(src.conv_states[0][:1])
                 dst.recurrent_states[0].copy_(src.recurrent_states[0][:1])
             else:
-                dst.keys[:, :, : prefix.length].copy_(src.keys[:1])
-                dst.values[:, :, : prefix.length].copy_(src.values[:1])
+                dst.keys[:, :, : prefix.length].copy_(src.keys[:1, :, : prefix.length])
+                dst.values[:, :, : prefix.length].copy_(src.values[:1, :, : prefix.length])
                 dst.cumulative_length.fill_(prefix.length)
         self.seen.fill_(prefix.length)
 
@@ -631,20 +699,77 @@ class StepRows:
         return logits
 
     def _capture(self, name: str) -> None:
-        """Capture `_forward(name)` as a CUDA graph, after two eager runs on a side stream
-        (Triton's autotuning and the libraries' workspaces must happen outside the capture).
-        These runs write garbage into the cache; `load` overwrites every slot a request reads."""
-        device = self.engine.device
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._forward(name)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                logits = self._forward(name)
-        except torch.OutOfMemoryError:
-            raise InputError(f"out of GPU memory capturing the {name} forward of {self.batch} rows") from None
-        self.graphs[name] = (graph, logits)
+        """Capture `_forward(name)`. Its warm-up runs write garbage into the cache; `load`
+        overwrites every slot a request reads."""
+        self.graphs[name] = capture_graph(lambda: self._forward(name), self.engine.device,
+                                          f"the {name} forward of {self.batch} rows")
+
+
+class PromptRows:
+    """One prompt's prefill: the language model over the prompt's embeddings (its videos'
+    features in place) on a one-row static cache of exactly its length, from which decoding
+    loads its rows.
+
+    On CUDA the forward is captured as a CUDA graph once per prompt length and replayed for the
+    next prompt of that length (a rubric over clips of one size and duration: every clip). Each
+    run starts from an empty cache: the full-attention layers' token counts restart at 0 inside
+    the forward, and the linear-attention layers take their no-previous-state path (chosen in
+    Python, so when the graph is traced). The attention mask is causal over the cache's slots.
+    """
+
+    def __init__(self, engine: TorchEngine, length: int):
+        from transformers import StaticCache
+
+        self.engine, self.batch, self.length = engine, 1, length
+        device, dtype = engine.device, engine.net.dtype
+        self.cache = StaticCache(config=engine.net.config, max_cache_len=length)
+        hidden = engine.net.get_input_embeddings().embedding_dim
+        self.embeds = torch.zeros((1, length, hidden), dtype=dtype, device=device)
+        self.positions = torch.zeros((3, 1, length), dtype=torch.long, device=device)
+        later = torch.ones((length, length), dtype=torch.bool, device=device).triu(1)
+        self.mask = torch.zeros((1, 1, length, length), dtype=dtype, device=device).masked_fill_(
+            later, torch.finfo(dtype).min)
+        self.graph = None
+        if device.type == "cuda" and engine.cuda_graphs:
+            self.graph, self.logits = capture_graph(self._forward, device, f"the prefill of {length} tokens")
+
+    def _forward(self) -> torch.Tensor:
+        """The prompt's forward into the emptied cache; the last token's logits."""
+        from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+        for layer in self.cache.layers:
+            if isinstance(layer, LinearAttentionCacheLayerMixin):
+                layer.has_previous_state[0] = False
+            else:
+                layer.cumulative_length.zero_()
+        hidden = self.engine._hidden(self.cache, None, self.positions, attention_mask=self.mask, embeds=self.embeds)
+        return self.engine._logits(hidden[:, -1])
+
+    def run(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The (1, vocab) logits after the prompt of these embeddings and (3, 1, length) positions,
+        its cache in `cache`."""
+        self.embeds.copy_(embeds)
+        self.positions.copy_(positions)
+        if self.graph is None:
+            return self._forward()
+        self.graph.replay()
+        return self.logits
+
+
+def capture_graph(forward, device: torch.device, what: str) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """`forward` captured as a CUDA graph, with the tensor it returns (rewritten by each replay),
+    after two eager runs on a side stream: Triton's autotuning and the libraries' workspaces must
+    happen outside the capture."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            forward()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            out = forward()
+    except torch.OutOfMemoryError:
+        raise InputError(f"out of GPU memory capturing {what}") from None
+    return graph, out

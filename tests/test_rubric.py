@@ -123,8 +123,8 @@ def test_rubric_equals_each_axis_alone(engine, clip, monkeypatch):
     # prefix once, one forward of the feeds' common length, then one token a row per step.
     calls = []
     hidden = engine._hidden
-    monkeypatch.setattr(engine, "_hidden", lambda cache, ids, *a, **k: calls.append(tuple(ids.shape)) or
-                        hidden(cache, ids, *a, **k))
+    monkeypatch.setattr(engine, "_hidden", lambda cache, ids, *a, **k: calls.append(
+        tuple((ids if ids is not None else k["embeds"]).shape[:2])) or hidden(cache, ids, *a, **k))
     results = engine.generate_many([clip], texts, MAX_NEW_TOKENS, SYSTEM, [score_prefix(a) for a in AXES])
     assert [t for t, _ in results] == tokens
 

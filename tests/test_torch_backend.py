@@ -1,6 +1,9 @@
 """The torch backend (bnb artifacts and HF model folders) on the tiny models, CPU:
 
 - branching a prefilled cache copies every state kind, the Gated DeltaNet's included;
+- the prompt prefill that decoding starts from (one-row static cache, video features put in the
+  embeddings) equals HF's own forward, and the vision tower with its inputs precomputed equals
+  the tower as HF runs it, bit for bit;
 - batched label scoring (views batched, all labels on one cache) equals each label's own forward;
 - through `Judge`, the same decisions, label NLLs, greedy tokens and digit distribution as the
   ONNX engine on the same weights;
@@ -111,6 +114,32 @@ def test_branching_copies_linear_attention_states(engines):
     assert not all(torch.equal(a, b[:1]) for a, b in zip(before, cache_states(branch)))
 
 
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen2_5_vl"])
+def test_prompt_prefill_equals_hf_forward(engines, family):
+    """`prefill_one` (the video features put in the embeddings by index, the language model on
+    a one-row static cache emptied for each prompt) leaves the cache and logits of HF's own
+    forward (DynamicCache); its vision inputs computed ahead give the tower's features bit for
+    bit; the rows of one prompt length serve the next prompt of that length."""
+    engine = engines.get(family) or TorchEngine(tiny_model_dir(family))
+    engine.prompt_rows = None
+    clips = [read_video(frames(seed, count)) for seed, count in ((1, 4), (2, 4), (3, 6))]
+    prompts = [engine.prompt([clip], TEXT).arrays for clip in clips]
+    assert prompts[0]["input_ids"].shape == prompts[1]["input_ids"].shape != prompts[2]["input_ids"].shape
+    kept = []
+    for arrays in prompts:
+        ours, hf = engine.prefill_one(arrays), engine.prefill([arrays])
+        kept.append(engine.prompt_rows)
+        torch.testing.assert_close(ours.last_logits, hf.last_logits, atol=1e-5, rtol=0)
+        ours_states, hf_states = cache_states(ours.cache), cache_states(hf.cache)
+        assert [t.shape for t in ours_states] == [t.shape for t in hf_states]
+        for a, b in zip(ours_states, hf_states):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        grid = torch.from_numpy(arrays["video_grid_thw"])
+        tower = engine.net.model.get_video_features(engine.pixel_values(arrays), grid, return_dict=True)
+        assert torch.equal(engine.video_features(arrays), torch.cat(tower.pooler_output))
+    assert kept[0] is kept[1] and kept[2] is not kept[1] and kept[2].length == prompts[2]["input_ids"].shape[1]
+
+
 @pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5"])
 def test_batched_labels_equal_own_forward(engines, family, monkeypatch):
     """Views of one length share one prefill, all (view, label) pairs one padded batch; views of
@@ -181,6 +210,7 @@ def test_memory_estimate_and_cap(engines, tmp_path):
         assert cache_bytes(engine.text_config, 1, prefix.length, 4) == allocated, family
 
     engine = engines["qwen3_5"]
+    engine.rows = engine.prompt_rows = None  # nothing kept from earlier requests: they would count
     prompt = engine.prompt([read_video(frames(11))], TEXT)
     need = (engine.weights_bytes + cache_bytes(engine.text_config, 1, prompt.length, 4)) * 1.2
     engine.cap_bytes = int(need) + 1  # what gpu_mem_gb sets on CUDA; CPU takes no GPU cap
