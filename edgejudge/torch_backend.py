@@ -5,8 +5,9 @@
 (`edgejudge.runtime.model`: HF's processor arrays, position ids included), so both backends see
 exactly the same tokens. `generate_many` adds the whole rubric on one video prefill.
 
-Prefills and scoring use transformers' DynamicCache. For Qwen3.5 it holds, besides the key/value
-tensors of the full-attention layers, the conv and recurrent states of the Gated DeltaNet layers.
+Label scoring, and every prefill of a deepstack model, runs on transformers' DynamicCache. For
+Qwen3.5 it holds, besides the key/value tensors of the full-attention layers, the conv and
+recurrent states of the Gated DeltaNet layers.
 transformers 5.17's `Cache.batch_repeat_interleave` does not reach those (its LinearAttentionLayer
 has no such method), so rows are branched with `reorder_cache`, which every layer kind implements.
 Greedy decoding starts from a prompt prefilled on a one-row StaticCache (`PromptRows`) and continues
