@@ -17,7 +17,9 @@ calls it makes, with the GPU's used memory after each stage.
 its device time.) `--kernels N`: one more run under torch's profiler, whose CUPTI tracing sees
 every CUDA kernel of the process, ONNX Runtime's included: the N kernels of most device time,
 each with its calls and summed device ms, the GPU's idle time within the run and its N longest
-gaps, and the N CUDA runtime calls of most host time (the one use of torch here, imported only then).
+gaps, the N CUDA runtime calls of most host time, and per stage (vision, splice, decoder,
+scoring) its wall time and how much of it the device was busy (the one use of torch here,
+imported only then).
 """
 
 from __future__ import annotations
@@ -73,21 +75,52 @@ class Clock:
         setattr(owner, attribute, timed)
 
 
+STAGES = (("engine", "visual", "vision"), ("decoder", "multimodal_embeds", "splice"), ("decoder", "_run", "decoder"),
+          ("engine", "_score_batch", "scoring"))
+
+
+def busy_within(intervals: list[tuple[int, int]], start: int, end: int) -> float:
+    """Microseconds of [start, end] covered by the union of (sorted) `intervals`."""
+    busy, reach = 0, start
+    for a, b in intervals:
+        a, b = max(a, reach), min(b, end)
+        if b > a:
+            busy, reach = busy + b - a, b
+    return float(busy)
+
+
 def device_kernels(run, engine, top: int) -> dict:
     """Device time of one `run()` (the vision cache emptied first) by CUDA kernel, from CUPTI; the
     GPU's idle time within the run (between its first and last kernel) with the longest idle gaps
     and the kernels on either side; the CUDA runtime calls of most host time (a synchronizing
-    copy or free shows here)."""
+    copy or free shows here); per stage (`STAGES`, a profiler range around each call), its wall
+    time and the device's busy time inside it (ONNX Runtime's runs return when the device is done,
+    so a stage's kernels fall inside its range; the profiler's own cost inflates the wall times)."""
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
+    owners = {"engine": engine, "decoder": engine.decoder}
+    originals = [(owners[owner], attribute, getattr(owners[owner], attribute)) for owner, attribute, _ in STAGES]
+    for (owner, attribute, original), (_, _, name) in zip(originals, STAGES):
+        def ranged(*args, _original=original, _name=name, **kwargs):
+            with record_function(f"stage:{_name}"):
+                return _original(*args, **kwargs)
+
+        setattr(owner, attribute, ranged)
     engine.cache.entries.clear()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        run()
-    rows = [(e.key, e.count, e.device_time_total / 1e3) for e in prof.key_averages() if e.device_time_total > 0]
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            run()
+    finally:
+        for owner, attribute, original in originals:
+            setattr(owner, attribute, original)
+    # a stage's range shows on the device too (a user annotation spanning its kernels): not a kernel
+    rows = [(e.key, e.count, e.device_time_total / 1e3) for e in prof.key_averages()
+            if e.device_time_total > 0 and not e.key.startswith("stage:")]
     rows.sort(key=lambda row: -row[2])
     events = prof.events()
-    kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
+    kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA and not e.name.startswith("stage:")),
+                     key=lambda e: e.time_range.start)
     gaps, busy_until = [], kernels[0].time_range.end if kernels else 0
     previous = kernels[0].name if kernels else ""
     for e in kernels[1:]:
@@ -101,7 +134,16 @@ def device_kernels(run, engine, top: int) -> dict:
         if e.device_type == DeviceType.CPU and e.name.startswith("cuda"):
             api[e.name][0] += 1
             api[e.name][1] += e.cpu_time_total / 1e3
+    intervals = [(e.time_range.start, e.time_range.end) for e in kernels]
+    stages: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for e in events:
+        if e.device_type == DeviceType.CPU and e.name.startswith("stage:"):
+            stage = stages[e.name[len("stage:"):]]
+            stage[0] += (e.time_range.end - e.time_range.start) / 1e3
+            stage[1] += busy_within(intervals, e.time_range.start, e.time_range.end) / 1e3
     return {"total_device_ms": round(sum(ms for _, _, ms in rows), 2),
+            "stages": {name: {"wall_ms": round(wall, 2), "device_busy_ms": round(busy, 2)}
+                       for name, (wall, busy) in stages.items()},
             "span_ms": round(span, 2), "idle_ms": round(sum(g[0] for g in gaps), 2),
             "idle_gaps": [{"ms": round(ms, 3), "after": a, "before": b} for ms, a, b in sorted(gaps, reverse=True)[:top]],
             "runtime_calls": [{"call": name, "calls": n, "ms": round(ms, 3)}

@@ -25,7 +25,7 @@ processor's order. The data they need (the rotary inverse frequencies) is writte
 as `<name>.npz`, with the few config numbers the runtime needs and the normalization table.
 
 The graph is built node by node from ONNX Runtime's fused operators (`export/onnx_graph.py`), as
-Qwen3-VL's: per block a fused residual-add + RMSNorm, the rotary in float32, MultiHeadAttention
+Qwen3-VL's: per block a fused residual-add + RMSNorm, the rotary, MultiHeadAttention
 with one group per batch row (the window mask as its attention bias), and the SiLU-gated MLP. The
 weights go to one external-data file (`<name>.onnx.data`).
 """
@@ -98,8 +98,8 @@ def build_vision_graph(visual: nn.Module, pp: VisionPreprocessing, float_type=np
     patch_dim = _config_int(config, "in_channels", "in_chans") * config.temporal_patch_size * config.patch_size**2
     inputs = [helper.make_tensor_value_info("patches", TensorProto.UINT8, ["groups", "patches_per_group", patch_dim]),
               helper.make_tensor_value_info("window_mask", TensorProto.FLOAT, ["patches_per_group", "patches_per_group"]),
-              helper.make_tensor_value_info("cos", TensorProto.FLOAT, ["patches_per_group", head_dim]),
-              helper.make_tensor_value_info("sin", TensorProto.FLOAT, ["patches_per_group", head_dim])]
+              helper.make_tensor_value_info("cos", tensor_type(float_type), ["patches_per_group", head_dim]),
+              helper.make_tensor_value_info("sin", tensor_type(float_type), ["patches_per_group", head_dim])]
     outputs = [helper.make_tensor_value_info("features", tensor_type(float_type),
                                              ["groups", "tokens_per_group", config.out_hidden_size])]
     return g.model("qwen2_5_vl_vision", inputs, outputs)
@@ -130,7 +130,7 @@ def load_visual(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> nn
 def export_vision_onnx(model_dir: str | Path | None, out_path: str | Path, dtype: torch.dtype = torch.float32,
                        visual: nn.Module | None = None, pp: VisionPreprocessing | None = None) -> Path:
     """Write `out_path` (+ `.onnx.data` weights, + `.npz` runtime tables) for the model's vision tower,
-    in `dtype` (fp32 or fp16; the rotary, the attention softmax and the RMSNorms compute in fp32).
+    in `dtype` (fp32 or fp16; the attention softmax and the RMSNorms compute in fp32).
     `visual` and `pp` (the processor constants, whose normalization the graph does) default to
     `model_dir`'s."""
     visual = load_visual(model_dir, dtype) if visual is None else visual.to(dtype)

@@ -11,12 +11,13 @@ runtime writes each run straight into its store of visual rows on the device.
 
 What depends only on the grid (h, w) is computed outside the graph, by the torch-free runtime
 (`edgejudge.runtime.vision`): the learned position embeddings bilinearly resampled to the grid
-(`pos_embeds` (S, hidden)) and the 2D rotary tables (`cos`, `sin` (S, head_dim)). The data they
-need (the position-embedding table and the rotary inverse frequencies) is written next to the
-graph as `<name>.npz`, with the few config numbers the runtime needs and the normalization table.
+(`pos_embeds` (S, hidden)) and the 2D rotary tables (`cos`, `sin` (S, head_dim)), both in the
+graph's float type. The data they need (the position-embedding table and the rotary inverse
+frequencies) is written next to the graph as `<name>.npz`, with the few config numbers the
+runtime needs and the normalization table.
 
 The graph is built node by node from ONNX Runtime's fused operators (`export/onnx_graph.py`):
-per block a fused residual-add + LayerNorm (its linear's bias included), the rotary in float32,
+per block a fused residual-add + LayerNorm (its linear's bias included), the rotary (in the graph's float type),
 MultiHeadAttention with one group per batch row (no cu_seqlens), and FastGelu (HF's
 `gelu_pytorch_tanh`). The patch embedding (a Conv3d whose kernel equals its stride) is a linear,
 after the processor's normalization as a table lookup of the levels (`onnx_graph.patch_embed`).
@@ -85,8 +86,8 @@ def build_vision_graph(visual: nn.Module, pp: VisionPreprocessing, float_type=np
     inputs = [helper.make_tensor_value_info("patches", TensorProto.UINT8, ["groups", "patches_per_group",
                                                                            proj.weight[0].numel()]),
               helper.make_tensor_value_info("pos_embeds", f, ["patches_per_group", hidden]),
-              helper.make_tensor_value_info("cos", TensorProto.FLOAT, ["patches_per_group", head_dim]),
-              helper.make_tensor_value_info("sin", TensorProto.FLOAT, ["patches_per_group", head_dim])]
+              helper.make_tensor_value_info("cos", f, ["patches_per_group", head_dim]),
+              helper.make_tensor_value_info("sin", f, ["patches_per_group", head_dim])]
     outputs = [helper.make_tensor_value_info("features", f, ["groups", "tokens_per_group", out]),
                helper.make_tensor_value_info("deepstack", f, ["groups", len(taps), "tokens_per_group", out])]
     return g.model("qwen3_vl_vision", inputs, outputs)
@@ -117,7 +118,7 @@ def load_visual(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> nn
 def export_vision_onnx(model_dir: str | Path | None, out_path: str | Path, dtype: torch.dtype = torch.float32,
                        visual: nn.Module | None = None, pp: VisionPreprocessing | None = None) -> Path:
     """Write `out_path` (+ `.onnx.data` weights, + `.npz` runtime tables) for the model's vision tower,
-    in `dtype` (fp32 or fp16; the rotary, the attention softmax and the norms compute in fp32).
+    in `dtype` (fp32 or fp16; the attention softmax and the norms compute in fp32).
     `visual` and `pp` (the processor constants, whose normalization the graph does) default to
     `model_dir`'s."""
     visual = load_visual(model_dir, dtype) if visual is None else visual.to(dtype)

@@ -154,11 +154,13 @@ def carried_tokens(label_ids: list[np.ndarray]) -> np.ndarray:
 
 def mean_nll(logits: np.ndarray, label_ids: np.ndarray) -> float:
     """Mean NLL of `label_ids` given float logits at the positions that predict them."""
-    logits = logits.astype(np.float64)
-    # log-sum-exp shifted by the row's max, in float64 (np.logaddexp.reduce, the same to ~1e-15,
-    # walks the 150k-entry vocabulary one pair at a time: 40 ms a W1 decision on the H100 host)
+    logits = np.asarray(logits, np.float32)
+    # log-sum-exp shifted by the row's max: exp in float32 (numpy's vectorized kernel), summed in
+    # float64; within 1e-8 of doing it all in float64 on a 150k vocabulary, in a quarter of the
+    # time (W1: 3.2 ms a decision on the H100 host in float64). np.logaddexp.reduce walks the
+    # vocabulary one pair at a time (40 ms).
     top = logits.max(axis=-1, keepdims=True)
-    lse = (top + np.log(np.exp(logits - top).sum(axis=-1, keepdims=True)))[:, 0]
+    lse = top[:, 0] + np.log(np.exp(logits - top).sum(axis=-1, dtype=np.float64))
     rows = np.arange(len(label_ids))
     return float((lse[rows] - logits[rows, label_ids]).mean())
 

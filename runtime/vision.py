@@ -129,8 +129,9 @@ class GroupedVisionGraph:
                              "(exported by an older edgejudge): export the artifact again")
         # (name, leading dims between groups and tokens): each group's block is lead x tokens rows
         self.outputs = [(o.name, tuple(o.shape[1:-2])) for o in outputs]
-        # fp16 graphs take fp16 position embeddings (HF casts to the weights' dtype) but float32
-        # rotary tables and window bias: each grid input is cast to the graph's own type
+        # each grid input is cast to the type the graph declares: fp16 graphs take fp16 position
+        # embeddings (HF casts to the weights' dtype) and rotary tables (older exports: float32
+        # tables) and a float32 window bias
         self.input_types = {i.name: _numpy_type(i.type) for i in inputs if i.name != "patches"}
         self.normalize_table = self.tables["normalize_table"]
         self.output_type = _numpy_type(outputs[0].type)

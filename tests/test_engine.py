@@ -48,6 +48,17 @@ def frames(seed: int, count: int = 6, height: int = 64, width: int = 96) -> np.n
     return np.random.default_rng(seed).integers(0, 256, (count, height, width, 3), dtype=np.uint8)
 
 
+def test_mean_nll_equals_float64_log_softmax():
+    """The float32 exp summed in float64 against scipy's float64 log-softmax, on a vocabulary of
+    Qwen's size with logits far from zero (where a float32 sum would lose digits)."""
+    from scipy.special import log_softmax
+
+    logits = (np.random.default_rng(0).standard_normal((3, 151936)) * 4 + 30).astype(np.float32)
+    ids = np.array([17, 151935, 0])
+    reference = -log_softmax(logits.astype(np.float64), axis=-1)[np.arange(3), ids].mean()
+    assert abs(mean_nll(logits, ids) - reference) < 1e-9 * abs(reference)
+
+
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("engine") / "artifact"

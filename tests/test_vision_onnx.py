@@ -87,6 +87,16 @@ def test_graph_uses_fused_ops(exported, tiny):
     assert ops.count("MultiHeadAttention") == depth and ops.count("RotaryEmbedding") == 2 * depth
     assert ops.count("SkipLayerNormalization") == 2 * depth and ops.count("FastGelu") == depth
     assert "Softmax" not in ops and "Tanh" not in ops
+    assert "Split" not in ops  # q, k and v are three linears, not one output split in three
+
+
+def test_fp16_graph_rotates_in_fp16(tmp_path):
+    """An fp16 graph rotates q and k in fp16, on fp16 tables: the only Cast is the level lookup's."""
+    path = export_vision_onnx(tiny_model_dir("qwen3_vl"), tmp_path / "vision.onnx", torch.float16)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    assert [n.name for n in graph.node if n.op_type == "Cast"] == ["patches/to_int32"]
+    types = {i.name: i.type.tensor_type.elem_type for i in graph.input}
+    assert types["cos"] == types["sin"] == onnx.TensorProto.FLOAT16
 
 
 @pytest.mark.parametrize("case", list(CASES))
