@@ -75,8 +75,8 @@ class Clock:
         setattr(owner, attribute, timed)
 
 
-STAGES = (("engine", "visual", "vision"), ("decoder", "multimodal_embeds", "splice"), ("decoder", "_run", "decoder"),
-          ("engine", "_score_batch", "scoring"))
+STAGES = (("engine", "visual", "vision"), ("decoder", "multimodal_embeds", "splice"),
+          ("decoder", "_run_fixed_prefill", "decoder"), ("decoder", "_run", "decoder"), ("engine", "_score_batch", "scoring"))
 
 
 def busy_within(intervals: list[tuple[int, int]], start: int, end: int) -> float:
@@ -215,6 +215,7 @@ def main() -> None:
             (engine_module.VisionCache, "key", "vision_cache.key"), (engine_module, "preprocess_video_levels", "preprocess_video_levels"),
             (vision, "run_into", "vision.run_into"), (decoder, "multimodal_embeds", "decoder.multimodal_embeds"),
             (decoder, "cos_sin", "decoder.cos_sin"), (decoder, "reset", "decoder.reset"), (decoder, "_run", "decoder.run"),
+            (decoder, "_run_fixed_prefill", "decoder.fixed_prefill"),
             (decoder, "logits", "decoder.logits"), (decoder, "repeat_cache", "decoder.repeat_cache"),
             (engine_module, "mean_nll", "mean_nll")):
         clock.wrap(owner, attribute, name)

@@ -85,11 +85,13 @@ class Judge:
     @classmethod
     def load(cls, artifact_dir: str | Path, spec: str | JudgeSpec | None = None, device: str = "cpu",
              gpu_mem_gb: float | None = None, cache_groups: int = CACHE_GROUPS, hf: str | None = None,
-             prompt_dir: str | Path | None = None) -> "Judge":
+             prompt_dir: str | Path | None = None, prefill_graph: bool | None = None) -> "Judge":
         """`spec`: a spec name, a JudgeSpec, or None for the one recorded in the artifact.
         `cache_groups`: how many 2-frame groups of vision outputs to keep (LRU, ONNX artifacts).
         `prompt_dir`: where the files of a spec whose prompts ship with the user's model are
         (default: the artifact folder); they are read here, so a missing one fails the load.
+        `prefill_graph` (ONNX on CUDA): capture the candidate-label prefill as a CUDA graph, which
+        keeps its activations on the device between decisions (default: when no cap is set).
 
         ONNX artifacts run on ONNX Runtime (torch-free); bnb artifacts and plain HF model folders
         run on the torch backend (`edgejudge.torch_backend`, imported only then)."""
@@ -103,7 +105,7 @@ class Judge:
         check_family(folder, spec)
         prompts = read_prompts(spec, prompt_dir or folder) if spec.prompt_sources else None
         if manifest is not None and manifest.format == "onnx":
-            return cls(Engine(folder, device, gpu_mem_gb, cache_groups, hf), spec, prompts)
+            return cls(Engine(folder, device, gpu_mem_gb, cache_groups, hf, prefill_graph=prefill_graph), spec, prompts)
         from edgejudge.torch_backend import TorchEngine
 
         return cls(TorchEngine(folder, device, gpu_mem_gb, hf), spec, prompts)

@@ -36,7 +36,9 @@ address, bound once per cache buffer set, `total_sequence_length` held at the bu
 (GroupQueryAttention reads the valid length from `seqlens_k`, on the device). A step then only
 writes its token's embedding, cos/sin and length in place. On CUDA that lets ONNX Runtime capture
 the step as a CUDA graph once and replay it: a decoding step is ~20 small kernels a layer, and
-launching them one by one from the host, not the GPU, is what bounds batch-1 decoding.
+launching them one by one from the host, not the GPU, is what bounds batch-1 decoding. A prefill
+that keeps no cache (candidate-label scoring) is bound the same way per prompt shape
+(`FixedPrefill`), the splice writing the embeddings into its input buffers, and captured too.
 """
 
 from __future__ import annotations
@@ -148,6 +150,23 @@ class FixedStep:
     total: np.ndarray  # the CPU scalar bound as total_sequence_length (kept alive with the binding)
 
 
+@dataclass
+class FixedPrefill:
+    """A bound prompt run of one (batch, length) that keeps no cache (`prefill(keep_cache=False)`):
+    its input buffers (the splice writes the embeddings into `inputs`), its one layer's worth of
+    key and value buffers, its hidden output, the run options that name its CUDA graph, and the
+    rotary tables last written (a control loop's prompts repeat them)."""
+
+    key: tuple[int, int]
+    binding: object
+    inputs: dict
+    cache: list  # the shared key and value buffers (kept alive with the binding)
+    hidden: object
+    run_options: object  # None: not captured
+    total: np.ndarray  # the CPU scalar bound as total_sequence_length (kept alive with the binding)
+    tables: tuple | None = None
+
+
 @dataclass(frozen=True)
 class CacheSnapshot:
     """The KV cache at one moment: its buffers (OrtValues) and how much of them is valid."""
@@ -205,8 +224,11 @@ class TextDecoder:
     """ONNX Runtime sessions on the exported decoder, LM head and cache-row graph, plus the KV cache
     on the sessions' device."""
 
-    def __init__(self, folder: str | Path, providers=("CPUExecutionProvider",), cuda_graph: bool = True):
-        """`cuda_graph`: on CUDA, capture greedy decoding's one-token step as a CUDA graph."""
+    def __init__(self, folder: str | Path, providers=("CPUExecutionProvider",), cuda_graph: bool = True,
+                 prefill_graph: bool = True):
+        """`cuda_graph`: on CUDA, capture greedy decoding's one-token step as a CUDA graph, and with
+        `prefill_graph` the prefill that keeps no cache too (`fixed_prefill`: it then keeps its
+        activations on the device between requests)."""
         import onnxruntime as ort
 
         self.folder = Path(folder)
@@ -252,6 +274,8 @@ class TextDecoder:
             self.release_options.add_run_config_entry("gpu_graph_id", "-1")
         self.cache_rows: ort.InferenceSession | None = None  # opened by the first repeat_cache
         self.fixed: tuple[tuple, FixedStep] | None = None  # the bound step and the cache buffers it is bound to
+        self.uncached: FixedPrefill | None = None  # the bound prefill that keeps no cache, of the last shape
+        self.prefill_graph = prefill_graph and self.cuda_graph
         self.graphs_captured = 0
         self.last_rotary: tuple[np.ndarray, tuple[np.ndarray, np.ndarray]] | None = None  # positions, (cos, sin)
 
@@ -271,15 +295,20 @@ class TextDecoder:
         if self.last_rotary is not None and np.array_equal(self.last_rotary[0], positions):
             return self.last_rotary[1]
         tables = mrope_cos_sin(positions, self.rope)
+        for table in tables:
+            table.flags.writeable = False
         self.last_rotary = (positions.copy(), tables)
         return tables
 
-    def multimodal_embeds(self, input_ids: np.ndarray, vision_token_id: int, visual: VisualRows):
+    def multimodal_embeds(self, input_ids: np.ndarray, vision_token_id: int, visual: VisualRows,
+                          out: dict | None = None):
         """The decoder's inputs for a prompt batch, as OrtValues on the device: token embeddings
         with the visual features at the vision-token positions (the video's or the image's pad
         token; HF's masked_scatter, row-major over the batch) and the (n_taps, B, S, hidden)
         DeepStack input (the taps at the same positions, zeros elsewhere; None without DeepStack).
-        `splice.onnx` gathers them where the features are; only the text rows and indexes travel."""
+        `splice.onnx` gathers them where the features are; only the text rows and indexes travel.
+        `out`: buffers named `inputs_embeds` (and `deepstack`) to write them into (a bound
+        prefill's, `fixed_prefill`), else new ones."""
         ids = np.asarray(input_ids, np.int64)
         mask = ids == vision_token_id
         if int(mask.sum()) != len(visual.feature_rows):
@@ -305,7 +334,10 @@ class TextDecoder:
         for name, value in feeds.items():
             _bind_input(binding, name, value, value.dtype if isinstance(value, np.ndarray) else self.dtype)
         for output in self.splice.get_outputs():
-            binding.bind_output(output.name, self.device, self.device_id)
+            if out is None:
+                binding.bind_output(output.name, self.device, self.device_id)
+            else:
+                binding.bind_ortvalue_output(output.name, out[output.name])
         self.splice.run_with_iobinding(binding, self.splice_options)
         outputs = binding.get_outputs()
         return outputs[0], (outputs[1] if taps else None)
@@ -429,7 +461,7 @@ class TextDecoder:
                     binding.bind_ortvalue_output(f"present_{kind}_{i}", buffer)
                 else:  # a full buffer: ORT allocates presents of exactly `total` tokens on the device
                     binding.bind_output(f"present_{kind}_{i}", self.device, self.device_id)
-        self.session.run_with_iobinding(binding, self.release_options if not self.graphs_captured else self.run_options)
+        self.session.run_with_iobinding(binding, self._uncaptured_options())
         outputs = binding.get_outputs()
         if not in_place:
             self.past = [(outputs[1 + 2 * i], outputs[2 + 2 * i]) for i in range(self.num_layers)]
@@ -445,33 +477,102 @@ class TextDecoder:
         Without `capacity` the cache is the prompt's, allocated by the run itself (ORT's path for a
         full buffer, from an empty one): its exact size, in the session's arena, not in the
         Python-side one that `reset` allocates from, which grows by powers of two.
-        `keep_cache=False`, for a prefill whose logits are all that is read (no step follows): every
-        layer writes its keys and values into one shared pair of buffers, each layer's attention
-        done before the next layer overwrites them, so the run holds one layer's cache instead of
-        all of them (W1 on Qwen3-VL-4B: 14 MB instead of 0.51 GiB), and no cache is left after it."""
+        `keep_cache=False`, for a prefill whose logits are all that is read (no step follows), runs
+        the bound prefill of this shape (`fixed_prefill`): no cache is left after it, and the
+        hidden states it returns are its output buffer, valid until the next such prefill."""
         b, s = shape_of(inputs_embeds)[:2]
-        if keep_cache:
-            self.reset(b, max(s, capacity) if capacity else 0)
-        elif capacity is not None:
-            raise InputError("a prefill that keeps no cache takes no capacity")
-        else:
-            self._one_layer_cache(b, s)
-        hidden = self._run(inputs_embeds, cos, sin, deepstack)
         if not keep_cache:
-            self.past, self.past_length, self.batch = [], 0, 0
+            if capacity is not None:
+                raise InputError("a prefill that keeps no cache takes no capacity")
+            return self._run_fixed_prefill(inputs_embeds, cos, sin, deepstack, on_device)
+        self.reset(b, max(s, capacity) if capacity else 0)
+        hidden = self._run(inputs_embeds, cos, sin, deepstack)
         return hidden if on_device else hidden.numpy()
 
-    def _one_layer_cache(self, batch: int, tokens: int) -> None:
-        """One key and one value buffer of `tokens` tokens, bound as every layer's past and present
-        (`prefill(keep_cache=False)`). The layers run one after another, so layer i + 1 writes its
-        keys and values over layer i's only after layer i's attention has read them."""
+    def fixed_prefill(self, batch: int, length: int) -> FixedPrefill:
+        """The bound prefill that keeps no cache for (batch, length) prompts, bound again only when
+        the shape changes. Every layer writes its keys and values into one shared pair of buffers,
+        each layer's attention done before the next layer overwrites them, so the run holds one
+        layer's cache instead of all of them (W1 on Qwen3-VL-4B: 14 MB instead of 0.51 GiB). Every
+        input and output sits at a fixed address, so with `prefill_graph` ONNX Runtime captures the
+        run as a CUDA graph and replays it: ~1,000 kernels, which launched one by one from the host
+        left the GPU idle for 12-22 ms of W1's 79-90 ms prefill on the H100 (2026-11-23). The
+        graph's activations then stay in the session's arena (W1 int4: 1.2 GiB, and a peak of 5.68
+        GiB instead of 4.77); without it each run hands the arena's free memory back. The bound
+        buffers stay allocated while the shape repeats (W1: 0.12 GiB)."""
         import onnxruntime as ort
 
-        shape = [batch, self.num_kv_heads, tokens, self.head_dim]
-        key, value = (ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device, self.device_id)
-                      for _ in range(2))
-        self.past, self.fixed = [(key, value)] * self.num_layers, None
-        self.past_length, self.batch = 0, batch
+        if self.uncached is not None and self.uncached.key == (batch, length):
+            return self.uncached
+        self.uncached = None  # release the old binding and its buffers first
+
+        def buffer(shape, dtype):
+            return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device, self.device_id)
+
+        hidden, dim = self.hidden_size, self.head_dim
+        inputs = {"inputs_embeds": buffer([batch, length, hidden], self.dtype),
+                  "cos": buffer([batch, length, dim], self.dtype), "sin": buffer([batch, length, dim], self.dtype),
+                  "seqlens_k": ort.OrtValue.ortvalue_from_numpy(np.full((batch,), length - 1, np.int32),
+                                                                self.device, self.device_id)}
+        if self.num_deepstack:
+            inputs["deepstack"] = buffer([self.num_deepstack, batch, length, hidden], self.dtype)
+        binding = self.session.io_binding()
+        for name, value in inputs.items():
+            binding.bind_ortvalue_input(name, value)
+        total = np.asarray(length, np.int32)
+        binding.bind_cpu_input("total_sequence_length", total)
+        out = buffer([batch, length, hidden], self.dtype)
+        binding.bind_ortvalue_output("hidden", out)
+        cache = [buffer([batch, self.num_kv_heads, length, dim], self.dtype) for _ in range(2)]
+        for i in range(self.num_layers):
+            for kind, shared in zip(("key", "value"), cache):
+                binding.bind_ortvalue_input(f"past_{kind}_{i}", shared)
+                binding.bind_ortvalue_output(f"present_{kind}_{i}", shared)
+        run_options = None  # not captured: the run takes `_uncaptured_options()`
+        if self.prefill_graph:
+            self.graphs_captured += 1
+            run_options = ort.RunOptions()
+            run_options.add_run_config_entry("gpu_graph_id", str(self.graphs_captured))
+        self.uncached = FixedPrefill((batch, length), binding, inputs, cache, out, run_options, total)
+        return self.uncached
+
+    def _run_fixed_prefill(self, inputs_embeds, cos: np.ndarray, sin: np.ndarray, deepstack, on_device: bool):
+        """`prefill(keep_cache=False)`: the inputs written into the bound prefill's buffers (nothing
+        to write when the splice wrote them there, or when the rotary tables are the last ones),
+        then its run."""
+        b, s, hidden = shape_of(inputs_embeds)
+        if hidden != self.hidden_size:
+            raise InputError(f"inputs_embeds of hidden size {hidden}, the decoder takes {self.hidden_size}")
+        if self.num_deepstack and deepstack is None:
+            deepstack = np.zeros((self.num_deepstack, b, s, hidden), self.dtype)
+        elif not self.num_deepstack and deepstack is not None:
+            raise InputError("this decoder takes no DeepStack input")
+        fixed = self.fixed_prefill(b, s)
+        for name, value in (("inputs_embeds", inputs_embeds), ("deepstack", deepstack)):
+            if value is None:
+                continue
+            target = fixed.inputs[name]
+            if shape_of(value) != tuple(target.shape()):
+                raise InputError(f"{name} of shape {shape_of(value)}, expected {tuple(target.shape())}")
+            if not (hasattr(value, "data_ptr") and value.data_ptr() == target.data_ptr()):
+                target.update_inplace(np.ascontiguousarray(value.numpy() if hasattr(value, "data_ptr") else value,
+                                                           self.dtype))
+        # `cos_sin`'s tables are read-only and kept while the positions repeat: the same objects
+        # hold the same values
+        if not (fixed.tables and fixed.tables[0] is cos and fixed.tables[1] is sin and not cos.flags.writeable
+                and not sin.flags.writeable):
+            for name, table in (("cos", cos), ("sin", sin)):
+                if np.shape(table) != (b, s, self.head_dim):
+                    raise InputError(f"{name} of shape {np.shape(table)}, expected {(b, s, self.head_dim)}")
+                fixed.inputs[name].update_inplace(np.ascontiguousarray(table, self.dtype))
+            fixed.tables = (cos, sin)
+        self.past, self.fixed, self.past_length, self.batch = [], None, 0, 0  # no cache is left
+        self.session.run_with_iobinding(fixed.binding, fixed.run_options or self._uncaptured_options())
+        return fixed.hidden if on_device else fixed.hidden.numpy()
+
+    def _uncaptured_options(self):
+        """A run that is not captured hands the arena's free memory back, until a graph is captured."""
+        return self.release_options if not self.graphs_captured else self.run_options
 
     def step(self, inputs_embeds, cos: np.ndarray, sin: np.ndarray, deepstack=None, on_device: bool = False):
         """Extend the cached sequence by S >= 1 tokens (no DeepStack unless given): (B, S, hidden),

@@ -257,14 +257,20 @@ class Engine:
     """An ONNX artifact's vision encoder, text decoder and LM head, with the vision-group cache."""
 
     def __init__(self, artifact_dir: str | Path, device: str = "cpu", gpu_mem_gb: float | None = None,
-                 cache_groups: int = CACHE_GROUPS, hf: str | None = None, cuda_graph: bool = True):
+                 cache_groups: int = CACHE_GROUPS, hf: str | None = None, cuda_graph: bool = True,
+                 prefill_graph: bool | None = None):
+        """`cuda_graph`: on CUDA, capture greedy decoding's steps as CUDA graphs; `prefill_graph`
+        the candidate-label prefill too, which then keeps its activations on the device (W1 int4
+        on the H100, one call: 123.0 ms p50 at a 5.68 GiB peak, against 136.3 ms at 4.77 without).
+        None: capture it when no memory cap is set (a cap says the memory matters more)."""
         self.model = runtime_model.load(artifact_dir, hf=hf)  # checks the manifest's hashes
         providers = execution_providers(device, gpu_mem_gb)
         self.gpu_mem_gb = gpu_mem_gb
         self.weight_bytes = device_weight_bytes(self.model.path)
         check_gpu_memory(gpu_mem_gb, self.weight_bytes)
         self.vision = load_vision_encoder(self.model.path / VISION_NAME, self.model.family_name, providers)
-        self.decoder = TextDecoder(self.model.path, providers, cuda_graph=cuda_graph)
+        self.decoder = TextDecoder(self.model.path, providers, cuda_graph=cuda_graph,
+                                   prefill_graph=gpu_mem_gb is None if prefill_graph is None else prefill_graph)
         if self.vision.output_type != self.decoder.dtype:
             raise InputError(f"{self.model.path}: the vision graph gives {np.dtype(self.vision.output_type).name}, "
                              f"the decoder takes {np.dtype(self.decoder.dtype).name}")
@@ -415,8 +421,10 @@ class Engine:
         cache with room for `capacity` tokens (None: just these; `keep_cache=False`: none kept,
         `TextDecoder.prefill`): the (B, S, hidden) hidden states as an OrtValue on the device."""
         ids, positions = zip(*(label_positions(p.arrays, carried) for p in prompts))
-        embeds, deepstack = self.decoder.multimodal_embeds(np.concatenate(ids), self.model.video_token_id,
-                                                           VisualRows.join(visual))
+        ids = np.concatenate(ids)
+        # a prefill that keeps no cache reads its inputs from its bound buffers: spliced there
+        out = None if keep_cache else self.decoder.fixed_prefill(*ids.shape).inputs
+        embeds, deepstack = self.decoder.multimodal_embeds(ids, self.model.video_token_id, VisualRows.join(visual), out)
         cos, sin = self.decoder.cos_sin(np.concatenate(positions, axis=1))
         return self.decoder.prefill(embeds, cos, sin, deepstack, capacity=capacity, on_device=True,
                                     keep_cache=keep_cache)

@@ -383,6 +383,35 @@ def test_prefill_keeping_no_cache(exported):
         decoder.prefill(decoder.embed(ids), cos, sin, capacity=12, keep_cache=False)
 
 
+def test_prefill_keeping_no_cache_is_bound_per_shape(exported):
+    """That prefill runs bound buffers (`fixed_prefill`), kept while the shape repeats: a second
+    prompt of the same shape, with new embeddings and new rotary tables, gets its own logits (not
+    the first one's), and another shape binds anew. Inputs already in the bound buffers (where
+    the splice writes them) are not copied."""
+    decoder = TextDecoder(exported[0])
+    rng = np.random.default_rng(6)
+
+    def both(ids, start):
+        cos, sin = decoder.cos_sin(decode_position_ids(start, ids.shape[1], np.zeros((1, 1), np.int64), len(ids)))
+        reference = decoder.logits(decoder.prefill(decoder.embed(ids), cos, sin))
+        return decoder.logits(decoder.prefill(decoder.embed(ids), cos, sin, keep_cache=False)), reference
+
+    first = decoder.fixed_prefill(2, 10)
+    for ids, start in ((rng.integers(0, 1400, (2, 10)), 0), (rng.integers(0, 1400, (2, 10)), 3)):
+        shared, reference = both(ids, start)
+        np.testing.assert_allclose(shared, reference, rtol=0, atol=1e-6)
+        assert decoder.uncached is first
+    shared, reference = both(rng.integers(0, 1400, (1, 7)), 0)
+    np.testing.assert_allclose(shared, reference, rtol=0, atol=1e-6)
+    assert decoder.uncached is not first and decoder.uncached.key == (1, 7)
+    buffers = decoder.uncached.inputs
+    buffers["inputs_embeds"].update_inplace(decoder.embed(np.full((1, 7), 3)))
+    kept = decoder.logits(decoder.prefill(buffers["inputs_embeds"], *decoder.uncached.tables, keep_cache=False))
+    cos, sin = decoder.uncached.tables
+    np.testing.assert_allclose(kept, decoder.logits(decoder.prefill(decoder.embed(np.full((1, 7), 3)), cos, sin)),
+                               rtol=0, atol=1e-6)
+
+
 def test_snapshot_restore(exported):
     """A 3-token step (the score-prefix pattern) written in place, then restore: steps on the
     restored cache equal a full forward that never saw those 3 tokens, written over the detour's
