@@ -154,7 +154,7 @@ def vision_attention(g: Graph, x: str, attn, heads: int, rotary: tuple[str, str,
     The 2D rotary runs in the graph's float type on tables in that type; `rotary` = (start
     position, cos, sin) with cos/sin (S, head_dim / 2), the first half of HF's tables (their two
     halves are equal). HF's fp16 tower casts q and k to float32 for the rotary and back: in fp16
-    graphs those were four Cast kernels a block, 2.9 ms of a W1 decision's device time on the
+    graphs those were four Cast kernels a block, 2.3 ms of a W1 decision's device time on the
     H100 (2026-11-23), for a difference of about one fp16 rounding in q and k (the tables' own
     rounding to fp16). MultiHeadAttention computes the softmax in float32; `attention_bias`
     (1, 1, S, S) in the graph's float type masks keys (Qwen2.5-VL's windows)."""

@@ -17,10 +17,11 @@ frequencies) is written next to the graph as `<name>.npz`, with the few config n
 runtime needs and the normalization table.
 
 The graph is built node by node from ONNX Runtime's fused operators (`export/onnx_graph.py`):
-per block a fused residual-add + LayerNorm (its linear's bias included), the rotary (in the graph's float type),
-MultiHeadAttention with one group per batch row (no cu_seqlens), and FastGelu (HF's
-`gelu_pytorch_tanh`). The patch embedding (a Conv3d whose kernel equals its stride) is a linear,
-after the processor's normalization as a table lookup of the levels (`onnx_graph.patch_embed`).
+per block a fused residual-add + LayerNorm (its linear's bias included), the rotary in the
+graph's float type, MultiHeadAttention with one group per batch row (no cu_seqlens), and
+FastGelu (HF's `gelu_pytorch_tanh`). The patch embedding (a Conv3d whose kernel equals its
+stride) is a linear, after the processor's normalization as a table lookup of the levels
+(`onnx_graph.patch_embed`).
 The weights go to one external-data file (`<name>.onnx.data`).
 """
 
