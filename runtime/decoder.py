@@ -368,18 +368,12 @@ class TextDecoder:
         current buffers are kept when they have that shape (so a captured decoding step stays
         valid from one request to the next); with CUDA graphs the capacity is rounded up to
         CAPACITY_STEP tokens so that requests of similar lengths share buffers."""
-        import onnxruntime as ort
-
         if self.cuda_graph:
             capacity = -(-capacity // CAPACITY_STEP) * CAPACITY_STEP
         shape = [batch, self.num_kv_heads, capacity, self.head_dim]
         if not (self.past and self.past[0][0].shape() == shape):
             self.past, self.fixed = [], None  # free the old cache (and the step bound to it) first
-
-            def buffer():
-                return ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device, self.device_id)
-
-            self.past = [(buffer(), buffer()) for _ in range(self.num_layers)]
+            self.past = [(self._buffer(shape), self._buffer(shape)) for _ in range(self.num_layers)]
         self.past_length = 0
         self.batch = batch
 
@@ -505,34 +499,18 @@ class TextDecoder:
         if self.uncached is not None and self.uncached.key == (batch, length):
             return self.uncached
         self.uncached = None  # release the old binding and its buffers first
-
-        def buffer(shape, dtype):
-            return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device, self.device_id)
-
         hidden, dim = self.hidden_size, self.head_dim
-        inputs = {"inputs_embeds": buffer([batch, length, hidden], self.dtype),
-                  "cos": buffer([batch, length, dim], self.dtype), "sin": buffer([batch, length, dim], self.dtype),
+        inputs = {"inputs_embeds": self._buffer([batch, length, hidden]), "cos": self._buffer([batch, length, dim]),
+                  "sin": self._buffer([batch, length, dim]),
                   "seqlens_k": ort.OrtValue.ortvalue_from_numpy(np.full((batch,), length - 1, np.int32),
                                                                 self.device, self.device_id)}
         if self.num_deepstack:
-            inputs["deepstack"] = buffer([self.num_deepstack, batch, length, hidden], self.dtype)
-        binding = self.session.io_binding()
-        for name, value in inputs.items():
-            binding.bind_ortvalue_input(name, value)
-        total = np.asarray(length, np.int32)
-        binding.bind_cpu_input("total_sequence_length", total)
-        out = buffer([batch, length, hidden], self.dtype)
-        binding.bind_ortvalue_output("hidden", out)
-        cache = [buffer([batch, self.num_kv_heads, length, dim], self.dtype) for _ in range(2)]
-        for i in range(self.num_layers):
-            for kind, shared in zip(("key", "value"), cache):
-                binding.bind_ortvalue_input(f"past_{kind}_{i}", shared)
-                binding.bind_ortvalue_output(f"present_{kind}_{i}", shared)
-        run_options = None  # not captured: the run takes `_uncaptured_options()`
-        if self.prefill_graph:
-            self.graphs_captured += 1
-            run_options = ort.RunOptions()
-            run_options.add_run_config_entry("gpu_graph_id", str(self.graphs_captured))
+            inputs["deepstack"] = self._buffer([self.num_deepstack, batch, length, hidden])
+        total, out = np.asarray(length, np.int32), self._buffer([batch, length, hidden])
+        cache = [self._buffer([batch, self.num_kv_heads, length, dim]) for _ in range(2)]
+        binding = self._bound_run(inputs, total, out, [cache] * self.num_layers)
+        # not captured (None): the run takes `_uncaptured_options()`
+        run_options = self._graph_options() if self.prefill_graph else None
         self.uncached = FixedPrefill((batch, length), binding, inputs, cache, out, run_options, total)
         return self.uncached
 
@@ -593,33 +571,49 @@ class TextDecoder:
         if self.fixed and self.fixed[0] == key:
             return self.fixed[1]
         self.fixed = None  # release the old binding and the buffers it holds first
-
-        def buffer(shape, dtype):
-            return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device, self.device_id)
-
         b, hidden, dim = self.batch, self.hidden_size, self.head_dim
-        inputs = {"inputs_embeds": buffer([b, 1, hidden], self.dtype), "cos": buffer([b, 1, dim], self.dtype),
-                  "sin": buffer([b, 1, dim], self.dtype), "seqlens_k": buffer([b], np.int32)}
+        inputs = {"inputs_embeds": self._buffer([b, 1, hidden]), "cos": self._buffer([b, 1, dim]),
+                  "sin": self._buffer([b, 1, dim]), "seqlens_k": self._buffer([b], np.int32)}
         if self.num_deepstack:  # decoded tokens carry no visual features
             inputs["deepstack"] = ort.OrtValue.ortvalue_from_numpy(
                 np.zeros((self.num_deepstack, b, 1, hidden), self.dtype), self.device, self.device_id)
+        total = np.asarray(self.capacity, np.int32)  # fixed: the valid length travels in seqlens_k
+        out = self._buffer([b, 1, hidden])
+        binding = self._bound_run(inputs, total, out, self.past)
+        run_options = self._graph_options() if self.cuda_graph else self.run_options
+        self.fixed = key, FixedStep(binding, inputs, out, run_options, total)
+        return self.fixed[1]
+
+    def _buffer(self, shape: list[int], dtype=None):
+        """An OrtValue of `shape` on the decoder's device, in its float type unless `dtype` is given."""
+        import onnxruntime as ort
+
+        return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype or self.dtype, self.device, self.device_id)
+
+    def _bound_run(self, inputs: dict, total: np.ndarray, hidden, past: list):
+        """An IO binding of the decoder with everything at a fixed address: `inputs` (OrtValues by
+        name), `total` (the CPU scalar total_sequence_length), the `hidden` output, and each layer's
+        (key, value) pair in `past` as both its past input and its present output."""
         binding = self.session.io_binding()
         for name, value in inputs.items():
             binding.bind_ortvalue_input(name, value)
-        total = np.asarray(self.capacity, np.int32)  # fixed: the valid length travels in seqlens_k
         binding.bind_cpu_input("total_sequence_length", total)
-        out = buffer([b, 1, hidden], self.dtype)
-        binding.bind_ortvalue_output("hidden", out)
-        for i, (key_cache, value_cache) in enumerate(self.past):
-            for kind, cache in (("key", key_cache), ("value", value_cache)):
-                binding.bind_ortvalue_input(f"past_{kind}_{i}", cache)
-                binding.bind_ortvalue_output(f"present_{kind}_{i}", cache)
-        run_options = ort.RunOptions()
-        if self.cuda_graph:
-            self.graphs_captured += 1
-            run_options.add_run_config_entry("gpu_graph_id", str(self.graphs_captured))
-        self.fixed = key, FixedStep(binding, inputs, out, run_options, total)
-        return self.fixed[1]
+        binding.bind_ortvalue_output("hidden", hidden)
+        for i, pair in enumerate(past):
+            for kind, buffer in zip(("key", "value"), pair):
+                binding.bind_ortvalue_input(f"past_{kind}_{i}", buffer)
+                binding.bind_ortvalue_output(f"present_{kind}_{i}", buffer)
+        return binding
+
+    def _graph_options(self):
+        """Run options that name a new CUDA graph of the decoder session (captured by ONNX Runtime
+        after its first runs with them)."""
+        import onnxruntime as ort
+
+        self.graphs_captured += 1
+        options = ort.RunOptions()
+        options.add_run_config_entry("gpu_graph_id", str(self.graphs_captured))
+        return options
 
     def step_token(self, token_ids: np.ndarray, rope_deltas: np.ndarray):
         """Extend the cache by one token per row ((B,) ids) through the fixed step; needs a free
