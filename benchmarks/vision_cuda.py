@@ -3,7 +3,7 @@
     python benchmarks/vision_cuda.py ARTIFACT [--views 2 --frames 64 --runs 20]
 
 Parts, p50 over the runs (after 3 warm-ups), for views x frames of 224x224 RGB:
-- `keys`: the vision cache's sha1 of every 2-frame group;
+- `keys`: the vision cache's sha256 of every 2-frame group;
 - `patch_levels`: resize-free preprocessing into the uint8 patch rows the graph takes (it
   normalizes them on the device);
 - `session`: the vision runs as the engine makes them (`run_into`: patches from the host, the

@@ -217,7 +217,7 @@ def main() -> None:
             (decoder, "cos_sin", "decoder.cos_sin"), (decoder, "reset", "decoder.reset"), (decoder, "_run", "decoder.run"),
             (decoder, "_run_fixed_prefill", "decoder.fixed_prefill"),
             (decoder, "logits", "decoder.logits"), (decoder, "repeat_cache", "decoder.repeat_cache"),
-            (engine_module, "mean_nll", "mean_nll")):
+            (engine_module, "log_sum_exp", "log_sum_exp")):
         clock.wrap(owner, attribute, name)
     shape: dict[str, int] = {}
     for owner, attribute, name in ((engine, "visual", "vision"), (decoder, "reset", "kv_cache"),

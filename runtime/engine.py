@@ -152,17 +152,21 @@ def carried_tokens(label_ids: list[np.ndarray]) -> np.ndarray:
     return np.asarray(fed[0][:-1] if len(fed) == 1 else [], np.int64)
 
 
+def log_sum_exp(logits: np.ndarray) -> np.ndarray:
+    """log(sum(exp)) over the last axis of float logits, in float64."""
+    logits = np.asarray(logits, np.float32)
+    # shifted by the row's max: exp in float32 (numpy's vectorized kernel), summed in float64:
+    # within 1e-8 of doing it all in float64 on a 150k vocabulary (W1 on the H100 host: 2.0-2.2 ms
+    # a decision, 3.2 all in float64). np.logaddexp.reduce walks the vocabulary one pair at a time
+    # (40 ms).
+    top = logits.max(axis=-1, keepdims=True)
+    return top[..., 0] + np.log(np.exp(logits - top).sum(axis=-1, dtype=np.float64))
+
+
 def mean_nll(logits: np.ndarray, label_ids: np.ndarray) -> float:
     """Mean NLL of `label_ids` given float logits at the positions that predict them."""
-    logits = np.asarray(logits, np.float32)
-    # log-sum-exp shifted by the row's max: exp in float32 (numpy's vectorized kernel), summed in
-    # float64: within 1e-8 of doing it all in float64 on a 150k vocabulary (W1 on the H100 host:
-    # 2.0-2.2 ms a decision, 3.2 all in float64). np.logaddexp.reduce walks the vocabulary one
-    # pair at a time (40 ms).
-    top = logits.max(axis=-1, keepdims=True)
-    lse = top[:, 0] + np.log(np.exp(logits - top).sum(axis=-1, dtype=np.float64))
     rows = np.arange(len(label_ids))
-    return float((lse[rows] - logits[rows, label_ids]).mean())
+    return float((log_sum_exp(logits) - np.asarray(logits, np.float32)[rows, label_ids]).mean())
 
 
 class StageTimer:
@@ -190,9 +194,10 @@ class VisionCache:
     the rows after the last ones claimed, from row 0 again at the end (a ring); the groups whose
     rows they overwrite leave the cache, and beyond `max_groups` the least recently used leave too.
 
-    Key: sha1 of the group's raw uint8 frames, their shape, and the target size. Measured with
-    time.perf_counter on 64 frames of 224x224 (2 CPU cores): sha1 over the raw frames takes
-    5.2 ms; keying on the preprocessed patch rows instead would preprocess every frame first
+    Key: sha256 of the group's raw uint8 frames, their shape, and the target size. W1's 128
+    frames of 224x224 on the H100 host (SHA-NI), 8 threads: sha256 2.5 ms, sha1 3.0, blake2b 8.1
+    (2026-11-23). Measured with time.perf_counter on 64 frames (2 CPU cores): sha1 over the raw
+    frames took 5.2 ms; keying on the preprocessed patch rows instead would preprocess every frame first
     (7.5 ms) and hash 4x the bytes (float32 rows: 20.6 ms). Raw keys also let a hit skip the
     resize and patchify, so only new groups are preprocessed (0.23 ms per group).
     """
@@ -208,7 +213,7 @@ class VisionCache:
 
     @staticmethod
     def key(frames: np.ndarray, size: tuple[int, int]) -> tuple:
-        return hashlib.sha1(np.ascontiguousarray(frames)).digest(), frames.shape, size
+        return hashlib.sha256(np.ascontiguousarray(frames)).digest(), frames.shape, size
 
     def get(self, key: tuple) -> tuple[int, int] | None:
         slot = self.entries.get(key)
@@ -480,12 +485,16 @@ class Engine:
                 cos, sin = self.decoder.cos_sin(decode_position_ids(length + j, 1, deltas, batch * len(fed)))
                 step = self.decoder.step(self.decoder.embed(tokens[:, j:j + 1]), cos, sin, on_device=True)
                 rest[:, j] = self.decoder.logits(step)[:, 0]
+        # each position's log-sum-exp once, whichever labels read it (W1: 4 rows, not 6)
+        first_lse, rest_lse = log_sum_exp(first), log_sum_exp(rest)
         scores = np.empty((batch, len(label_ids)))
         for b in range(batch):
             for l, ids in enumerate(label_ids):
-                # the padding positions are not read
-                own = rest[b * len(fed) + fed.index(l), :len(ids) - 1] if l in fed else first[:0]
-                scores[b, l] = mean_nll(np.concatenate([first[b:b + 1], own]), ids)
+                nll = [first_lse[b] - first[b, ids[0]]]
+                if l in fed:  # its tokens after the first; the padding positions are not read
+                    row, after = b * len(fed) + fed.index(l), np.arange(len(ids) - 1)
+                    nll.extend(rest_lse[row, after] - rest[row, after, ids[1:]])
+                scores[b, l] = np.mean(nll)
         return scores
 
     def generate(self, prompt: Prompt, max_new_tokens: int, score_prefix: str | None = None,

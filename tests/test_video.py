@@ -320,6 +320,18 @@ def test_sample_selects_and_keeps_source_indices() -> None:
             sample(clip, bad)
 
 
+def test_sample_views_evenly_spaced_frames() -> None:
+    """Evenly spaced ascending indices (RoboCasa's uniform:64 of a 64-frame window) give a view of
+    the frames, any other pick a copy; both hold exactly the picked frames."""
+    clip = read_video(noise(10), fps=10)
+    for picks, view in (([0, 1, 2, 3, 4, 5, 6, 7, 8, 9], True), ([2, 5, 8], True), ([7], True),
+                        ([0, 2, 3], False), ([3, 3], False), ([5, 4], False)):
+        picked = sample(clip, picks)
+        np.testing.assert_array_equal(picked.frames, clip.frames[picks])
+        assert np.shares_memory(picked.frames, clip.frames) == view, picks
+        assert picked.indices.tolist() == picks
+
+
 def test_uniform_indices() -> None:
     idx = uniform_indices(300, 64)  # RoboCasa
     assert idx.dtype == np.int64 and len(idx) == 64 and idx[0] == 0 and idx[-1] == 299
