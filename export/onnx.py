@@ -24,7 +24,8 @@ from edgejudge.errors import InputError
 from edgejudge.export import qwen2_5_vl, qwen3_vl
 from edgejudge.export.artifact import check_out_dir, finish_artifact
 from edgejudge.export.merge import base_class, check_adapter, merge_adapter
-from edgejudge.export.onnx_decoder import LM_HEAD_NAME, build_quantizable_lm_head_graph, export_decoder_onnx, head_weight
+from edgejudge.export.onnx_decoder import (LM_HEAD_NAME, build_quantizable_lm_head_graph, export_decoder_onnx, head_weight,
+                                           write_cuda_decoder)
 from edgejudge.export.onnx_io import save_onnx
 from edgejudge.runtime.preprocess import VisionPreprocessing
 
@@ -154,6 +155,7 @@ def export_onnx(base_dir: Path, adapter_dir: Path | None, precision: str, out_di
                              {n: 8 for n in last_layer_linears(num_layers, int8_last_layers)})
             if lm_head_bits:
                 write_int8_lm_head(model, out_dir, activations, block_size, symmetric)
+        write_cuda_decoder(decoder)
         steps.update()
         steps.set_postfix_str("vision")
         # the decoder is written: the vision tower can be cast in place

@@ -26,6 +26,9 @@ Written into one folder:
   MatMulNBits goes in when quantizing), com.microsoft RotaryEmbedding on q and k (each token's
   own M-RoPE angles: `_rotary_table`), com.microsoft GroupQueryAttention (do_rotary=0, causal,
   GQA), SwiGLU (Sigmoid * x * up).
+- `decoder_cuda.onnx` (`write_cuda_decoder`, written by `export/onnx.py` after quantization): the
+  same graph and weights with the rotary inside GroupQueryAttention, which the runtime loads on
+  CUDA only.
 - `lm_head.onnx`: `hidden` (B, K, hidden) -> `logits` (B, K, vocab) float32, a Gemm with transB=1
   against the (vocab, hidden) table. Its weight is not copied: the graph's external data points
   into `embed.npy` (tied embeddings: Qwen3-VL-4B) or `lm_head.npy` (untied: Qwen2.5-VL-7B) at
@@ -53,6 +56,7 @@ import numpy as np
 
 from edgejudge.export.onnx_graph import MS_DOMAIN, Graph, as_numpy, cast, linear, tensor_type
 from edgejudge.export.onnx_io import save_onnx
+from edgejudge.runtime.decoder import CUDA_DECODER_NAME
 
 DECODER_NAME, LM_HEAD_NAME, EMBED_NAME, SIDECAR_NAME = "decoder.onnx", "lm_head.onnx", "embed.npy", "decoder.npz"
 CACHE_ROWS_NAME, SPLICE_NAME = "cache_rows.onnx", "splice.onnx"
@@ -209,6 +213,58 @@ def build_decoder_graph(model, deepstack_taps: int, float_type: str = "fp32"):
             outputs.append(helper.make_tensor_value_info(f"present_{kind}_{i}", f,
                                                          ["batch", kv_heads, "total_seq", head_dim]))
     return g.model(f"{model.config.model_type}_text_decoder", inputs, outputs)
+
+
+def write_cuda_decoder(decoder_path: Path) -> Path:
+    """`decoder_cuda.onnx` beside `decoder_path` (written, and quantized, first): the same layers and
+    weights (its initializers point into the same .data file), with each layer's two
+    RotaryEmbedding nodes folded into its GroupQueryAttention (`do_rotary`: the per-token tables
+    as cos/sin caches, each token's row as its position id). On the H100 one layer's rotary and
+    attention took 0.353 ms against 0.454 (W1's 2 x 1,830 tokens, benchmarks/fusions_cuda.py).
+
+    CUDA only: ONNX Runtime's CPU GroupQueryAttention counts a prompt's positions from
+    `seqlens_k` and ignores `position_ids`, which would give every row the first row's angles.
+    GroupQueryAttention also wants a cos/sin cache of at least the cache's length, while the
+    tables have one row per token of the run: rows of `past_key_0` (never read) pad them, device
+    ops only, so the graph stays capturable as a CUDA graph."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    proto = onnx.load(str(decoder_path), load_external_data=False)
+    graph = proto.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    past = next(i for i in graph.input if i.name == "past_key_0")
+    half = past.type.tensor_type.shape.dim[3].dim_value // 2
+    for name, array in (("starts", [0, 0, 0, 0]), ("ends", [1, 1, 2**62, half]), ("rows", [-1, half])):
+        graph.initializer.append(numpy_helper.from_array(np.array(array, np.int64), f"cuda_rotary.{name}"))
+    padding = helper.make_node("Slice", ["past_key_0", "cuda_rotary.starts", "cuda_rotary.ends"],
+                               ["cuda_rotary/padding_4d"], name="cuda_rotary/padding_4d")
+    graph.node.append(padding)
+    graph.node.append(helper.make_node("Reshape", ["cuda_rotary/padding_4d", "cuda_rotary.rows"],
+                                       ["cuda_rotary/padding"], name="cuda_rotary/padding"))
+    folded, tables = set(), None
+    for node in graph.node:
+        if node.op_type != "GroupQueryAttention":
+            continue
+        q, k = producer[node.input[0]], producer[node.input[1]]
+        if q.op_type != "RotaryEmbedding" or k.op_type != "RotaryEmbedding" or q.input[1:] != k.input[1:]:
+            raise ValueError(f"{decoder_path}: {node.name} does not read q and k from RotaryEmbedding on one table")
+        index, cos, sin = q.input[1:]
+        if tables is None:
+            tables = [f"cuda_rotary/{table}" for table in ("cos", "sin")]
+            for table, padded in zip((cos, sin), tables):
+                graph.node.append(helper.make_node("Concat", [table, "cuda_rotary/padding"], [padded], name=padded,
+                                                   axis=0))
+        node.input[0], node.input[1] = q.input[0], k.input[0]
+        node.input.extend([*tables, index])  # after q, k, v, past, seqlens_k, total_sequence_length
+        next(a for a in node.attribute if a.name == "do_rotary").i = 1
+        folded.update((q.name, k.name))
+    kept = [node for node in graph.node if node.name not in folded]
+    del graph.node[:]
+    graph.node.extend(kept)
+    out = decoder_path.with_name(CUDA_DECODER_NAME)
+    onnx.save_model(proto, str(out))
+    return out
 
 
 def build_cache_rows_graph(num_layers: int, kv_heads: int, head_dim: int, dtype=np.float32):

@@ -54,6 +54,7 @@ from edgejudge.runtime.sessions import open_session, provider_name, release_afte
 
 DECODER_NAME, LM_HEAD_NAME, EMBED_NAME, SIDECAR_NAME = "decoder.onnx", "lm_head.onnx", "embed.npy", "decoder.npz"
 CACHE_ROWS_NAME, SPLICE_NAME = "cache_rows.onnx", "splice.onnx"
+CUDA_DECODER_NAME = "decoder_cuda.onnx"  # the CUDA provider's decoder, when exported (`export.onnx_decoder`)
 CAPACITY_STEP = 256  # KV cache capacities are multiples of this when decoding steps are CUDA graphs
 
 
@@ -249,9 +250,12 @@ class TextDecoder:
         self.cuda_graph = cuda_graph and provider_name(providers[0]) == "CUDAExecutionProvider"
         decoder_providers = [_with_cuda_graph(providers[0]), *providers[1:]] if self.cuda_graph else providers
         self.providers = providers
+        # on CUDA the decoder whose attention applies the rotary itself (`write_cuda_decoder`)
+        cuda = provider_name(providers[0]) == "CUDAExecutionProvider"
+        decoder = CUDA_DECODER_NAME if cuda and (self.folder / CUDA_DECODER_NAME).is_file() else DECODER_NAME
         self.session, self.head, self.splice = (
             open_session(self.folder / name, chosen)
-            for name, chosen in ((DECODER_NAME, decoder_providers), (LM_HEAD_NAME, providers),
+            for name, chosen in ((decoder, decoder_providers), (LM_HEAD_NAME, providers),
                                  (SPLICE_NAME, providers)))
         self.device, self.device_id = session_device(self.session)  # where the cache and hidden states live
         self.dtype = np.float16 if self.session.get_inputs()[0].type == "tensor(float16)" else np.float32

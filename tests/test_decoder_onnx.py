@@ -412,6 +412,36 @@ def test_prefill_keeping_no_cache_is_bound_per_shape(exported):
                                rtol=0, atol=1e-6)
 
 
+def test_cuda_decoder_folds_the_rotary_into_attention(exported, monkeypatch):
+    """decoder_cuda.onnx has no RotaryEmbedding left: every GroupQueryAttention rotates q and k
+    itself on the per-token tables (padded to the cache's length), and the weights stay in
+    decoder.onnx.data. On the CPU it can run only a one-row prompt (ONNX Runtime's CPU kernel
+    counts a prompt's positions from 0, which are then the token rows): there its hidden states
+    are the decoder's."""
+    from edgejudge.export.onnx_decoder import write_cuda_decoder
+    from edgejudge.runtime import decoder as decoder_module
+
+    out, decoder, _ = exported
+    path = write_cuda_decoder(out / "decoder.onnx")
+    proto = onnx.load(str(path), load_external_data=False)
+    attention = [n for n in proto.graph.node if n.op_type == "GroupQueryAttention"]
+    assert "RotaryEmbedding" not in {n.op_type for n in proto.graph.node}
+    assert len(attention) == decoder.num_layers
+    for node in attention:
+        assert node.input[7:] == ["cuda_rotary/cos", "cuda_rotary/sin", attention[0].input[9]]
+        assert next(a.i for a in node.attribute if a.name == "do_rotary") == 1
+    stored = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+    assert stored == {"decoder.onnx.data"} and path.stat().st_size < 2**20
+    monkeypatch.setattr(decoder_module, "DECODER_NAME", path.name)  # the CPU session on it
+    folded = TextDecoder(out)
+    ids = np.random.default_rng(8).integers(0, 1400, (1, 12))
+    cos, sin = decoder.cos_sin(decode_position_ids(0, ids.shape[1], np.zeros((1, 1), np.int64)))
+    for capacity in (None, 20):  # the cache just the prompt, and a cache of room beyond it
+        np.testing.assert_allclose(folded.logits(folded.prefill(folded.embed(ids), cos, sin, capacity=capacity)),
+                                   decoder.logits(decoder.prefill(decoder.embed(ids), cos, sin, capacity=capacity)),
+                                   rtol=0, atol=1e-5)
+
+
 def test_snapshot_restore(exported):
     """A 3-token step (the score-prefix pattern) written in place, then restore: steps on the
     restored cache equal a full forward that never saw those 3 tokens, written over the detour's
