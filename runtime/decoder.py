@@ -1,7 +1,8 @@
 """The text decoder of the Qwen-VL families on ONNX Runtime with a KV cache (numpy + onnxruntime only).
 
 The graphs come from `edgejudge.export.onnx_decoder`: `decoder.onnx` (layers + final norm, fused
-ORT ops, KV cache in/out), `lm_head.onnx` (logits only at the positions asked for),
+ORT ops, KV cache in/out; on CUDA `decoder_cuda.onnx` when exported, the same with the rotary
+inside GroupQueryAttention), `lm_head.onnx` (logits only at the positions asked for),
 `cache_rows.onnx` (picks cache rows), `splice.onnx` (the decoder's inputs gathered on the device
 from the text embeddings and the visual rows: `multimodal_embeds`), `embed.npy` (the
 token-embedding table, memory-mapped) and `decoder.npz` (rotary inverse frequencies, the mrope
