@@ -203,7 +203,8 @@ def _timing(stamps: np.ndarray, container_fps: float) -> tuple[np.ndarray, float
 
 
 def sample(clip: Clip, indices: Sequence[int] | np.ndarray) -> Clip:
-    """The frames of `clip` at positions `indices` (into `clip.frames`, repeats allowed).
+    """The frames of `clip` at positions `indices` (into `clip.frames`, repeats allowed): a view of
+    them when the positions are evenly spaced and ascending, else a copy.
 
     The result's `indices` still point into the original source, so sampling a sampled clip
     keeps provenance; `fps` and `total_frames` stay the source's.
