@@ -248,11 +248,11 @@ class TextDecoder:
             self.vocab_size = int(data["vocab_size"])
         self.embed_table = np.load(self.folder / EMBED_NAME, mmap_mode="r")
         providers = list(providers)
-        self.cuda_graph = cuda_graph and provider_name(providers[0]) == "CUDAExecutionProvider"
+        cuda = provider_name(providers[0]) == "CUDAExecutionProvider"
+        self.cuda_graph = cuda_graph and cuda
         decoder_providers = [_with_cuda_graph(providers[0]), *providers[1:]] if self.cuda_graph else providers
         self.providers = providers
         # on CUDA the decoder whose attention applies the rotary itself (`write_cuda_decoder`)
-        cuda = provider_name(providers[0]) == "CUDAExecutionProvider"
         decoder = CUDA_DECODER_NAME if cuda and (self.folder / CUDA_DECODER_NAME).is_file() else DECODER_NAME
         self.session, self.head, self.splice = (
             open_session(self.folder / name, chosen)

@@ -197,9 +197,9 @@ class VisionCache:
     Key: sha256 of the group's raw uint8 frames, their shape, and the target size. W1's 128
     frames of 224x224 on the H100 host (SHA-NI), 8 threads: sha256 2.5 ms, sha1 3.0, blake2b 8.1
     (2026-11-23). Measured with time.perf_counter on 64 frames (2 CPU cores): sha1 over the raw
-    frames took 5.2 ms; keying on the preprocessed patch rows instead would preprocess every frame first
-    (7.5 ms) and hash 4x the bytes (float32 rows: 20.6 ms). Raw keys also let a hit skip the
-    resize and patchify, so only new groups are preprocessed (0.23 ms per group).
+    frames took 5.2 ms; keying on the preprocessed patch rows instead would preprocess every
+    frame first (7.5 ms) and hash 4x the bytes (float32 rows: 20.6 ms). Raw keys also let a hit
+    skip the resize and patchify, so only new groups are preprocessed (0.23 ms per group).
     """
 
     def __init__(self, max_groups: int):
