@@ -7,8 +7,10 @@ CUDA provider with its inputs and outputs bound on the device; printed: the mean
 after 3 warm-ups (a run's fixed cost included), and the largest difference from the current form.
 
 - vision attention, 41 and 64 groups of 196 patches, 16 heads of 64: two RotaryEmbedding +
-  MultiHeadAttention, against GroupQueryAttention with `causal=0` and `do_rotary` (without and with
-  its present key/value outputs);
+  MultiHeadAttention, against the rotary over the 16 heads at once (one 1,024-value rotary head,
+  interleaved pairs, q/k columns reordered: what the vision graphs run since 2026-11-23, thirteenth
+  session) and GroupQueryAttention with `causal=0` and `do_rotary` (without and with its present
+  key/value outputs);
 - decoder attention, 2 x 1,830 and 1 x 1,830 tokens, 32 query and 8 key/value heads of 128: the
   q/k RMSNorms, two RotaryEmbedding on the per-token M-RoPE table and GroupQueryAttention, against
   GroupQueryAttention's own rotary (`do_rotary`, the table as `cos_cache`, the token index as
@@ -16,7 +18,8 @@ after 3 warm-ups (a run's fixed cost included), and the largest difference from 
 - MatMulNBits at the decoder's and the vision tower's shapes: a separate bias Add against its bias
   input, and the CUTLASS fpA_intB path (session option `ep.cuda.fpa_intb_gemm`, then the
   `ORT_FPA_INTB_GEMM` environment variable).
-Torch-free: numpy, onnx and onnxruntime-gpu (its weight-only quantizer writes the MatMulNBits).
+numpy, onnx and onnxruntime-gpu (its weight-only quantizer writes the MatMulNBits); the export
+package's graph helpers import torch.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+from edgejudge.export.onnx_graph import interleaved_rows
 
 MS = "com.microsoft"
 F16 = TensorProto.FLOAT16
@@ -96,6 +101,26 @@ def vision_attention(bench: Bench, groups: int) -> None:
                     inputs, [out], [helper.make_tensor("pos", TensorProto.INT64, [1], [0])])
     ms, (reference,) = bench.time(current, feed, ["out"])
     print(f"vision {groups} groups: RotaryEmbedding x2 + MultiHeadAttention {ms:.3f} ms", flush=True)
+    # the rotary over all 16 heads at once: q and k columns in interleaved pair order inside each
+    # head (onnx_graph.interleaved_rows), the tables repeated per head; v and the output unchanged
+    order = interleaved_rows(heads, dim)
+    wide = {**feed, "q": np.ascontiguousarray(feed["q"][..., order]), "k": np.ascontiguousarray(feed["k"][..., order]),
+            "cos": np.tile(feed["cos"], (1, heads)), "sin": np.tile(feed["sin"], (1, heads))}
+    spanned = model([helper.make_node("RotaryEmbedding", [x, "pos", "cos", "sin"], [f"{x}r"], domain=MS,
+                                      num_heads=1, interleaved=1) for x in "qk"]
+                    + [helper.make_node("MultiHeadAttention", ["qr", "kr", "v"], ["out"], domain=MS, num_heads=heads,
+                                        scale=0.125)],
+                    inputs[:3] + [value(n, ["S", heads * dim // 2]) for n in ("cos", "sin")], [out],
+                    [helper.make_tensor("pos", TensorProto.INT64, [1], [0])])
+    ms, (result,) = bench.time(spanned, wide, ["out"])
+    print(f"  one 1,024-value rotary head (interleaved, reordered q/k): {ms:.3f} ms, "
+          f"max |d| {max_diff(result, reference):.3g}", flush=True)
+    for name, proto, inputs_of in (("64-value heads", current, feed), ("one 1,024-value head", spanned, wide)):
+        rotary_only = model([proto.graph.node[0]], [value("q", ["G", "S", heads * dim]), proto.graph.input[3],
+                                                    proto.graph.input[4]], [value("qr", ["G", "S", heads * dim])],
+                            [helper.make_tensor("pos", TensorProto.INT64, [1], [0])])
+        ms, _ = bench.time(rotary_only, {n: inputs_of[n] for n in ("q", "cos", "sin")}, ["qr"])
+        print(f"  RotaryEmbedding alone, {name}: {ms:.3f} ms", flush=True)
     lengths = {"seqlens_k": np.full(groups, seq - 1, np.int32), "total": np.array(seq, np.int32)}
     for present in (False, True):
         outs = ["out", "present_key", "present_value"] if present else ["out", "", ""]

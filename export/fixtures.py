@@ -11,6 +11,7 @@ runtime run against these; building one takes a few seconds on CPU.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -358,6 +359,23 @@ def build_tiny_adapter(model_dir: Path, out_dir: Path, seed: int = 1, use_rslora
     out = Path(out_dir)
     peft_model.save_pretrained(out)
     return out
+
+
+def sharpened(module: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """A copy of `module` with O(1)-scale random weights: unit-variance activations, non-trivial
+    norms and biases. The tiny checkpoints keep HF's init (std 0.02, unit norms, zero biases), on
+    which attention is nearly uniform and every bias path computes with zeros."""
+    sharp = copy.deepcopy(module)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sharp.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+            else:  # norm weights
+                p.copy_(1 + torch.randn(p.shape, generator=gen) * 0.1)
+    return sharp.eval()
 
 
 def tiny_model_dir(family: str) -> Path:

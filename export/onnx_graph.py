@@ -143,41 +143,87 @@ def patch_embed(g: Graph, proj, pp: VisionPreprocessing, name: str = "patch_embe
     return x
 
 
+# ONNX Runtime's CUDA RotaryEmbedding runs one thread block per (token, head) with one thread per
+# value of the head, and takes heads of at most 1,024 values.
+ROTARY_MAX_WIDTH = 1024
+
+
+def rotary_span(heads: int, head_dim: int) -> int:
+    """How many attention heads one RotaryEmbedding head covers in the vision graphs: the most
+    that divide `heads` in at most ROTARY_MAX_WIDTH values (Qwen3-VL: 16 of 64, Qwen2.5-VL: 8 of
+    80). With 64-value heads the kernel's blocks are 64 threads, and W1's 12,544 patches x 16
+    heads made 200,704 of them per rotary: 6.0 ms of a W1 decision's device time on the H100."""
+    return max(n for n in range(1, heads + 1) if heads % n == 0 and n * head_dim <= ROTARY_MAX_WIDTH)
+
+
+def interleaved_rows(heads: int, head_dim: int) -> np.ndarray:
+    """The order of a q or k linear's output rows that puts each head's rotate-half pairs
+    (j, j + head_dim / 2) side by side, at (2j, 2j + 1), heads kept in place."""
+    half = head_dim // 2
+    within = np.stack([np.arange(half), np.arange(half) + half], axis=1).reshape(-1)
+    return (np.arange(heads)[:, None] * head_dim + within).reshape(-1)
+
+
 def vision_attention(g: Graph, x: str, attn, heads: int, rotary: tuple[str, str, str], name: str,
-                     attention_bias: str | None = None) -> str:
-    """A Qwen vision attention (fused `qkv`, `proj`) over each group (batch row) of `x` (G, S, hidden),
-    without `proj`'s bias (the next skip_norm adds it).
+                     attention_bias: str | None = None) -> tuple[str, object]:
+    """A Qwen vision attention (fused `qkv`, `proj`) over each group (batch row) of `x` (G, S,
+    hidden): `proj`'s output without its bias, and that bias (the next skip_norm adds it).
 
     q, k and v are three linears on the rows of HF's fused `qkv` weight: a Split of one fused
     output copies all of it, and on the H100 the three GEMMs (with their bias adds) took 0.15 ms
     against 0.21 for the fused GEMM and the Split (fp16, W1's 41 groups of 196 patches).
+
     The 2D rotary runs in the graph's float type on tables in that type; `rotary` = (start
-    position, cos, sin) with cos/sin (S, head_dim / 2), the first half of HF's tables (their two
-    halves are equal). HF's fp16 tower casts q and k to float32 for the rotary and back: in fp16
-    graphs those were four Cast kernels a block, 2.3 ms of a W1 decision's device time on the
-    H100 (2026-11-23), for a difference of about one fp16 rounding in q and k (the tables' own
-    rounding to fp16). MultiHeadAttention computes the softmax in float32; `attention_bias`
-    (1, 1, S, S) in the graph's float type masks keys (Qwen2.5-VL's windows)."""
+    position, cos, sin) from `vision_rotary`. HF's fp16 tower casts q and k to float32 for the
+    rotary and back: in fp16 graphs those were four Cast kernels a block, 2.3 ms of a W1
+    decision's device time on the H100 (2026-11-23), for a difference of about one fp16 rounding in
+    q and k (the tables' own rounding to fp16). The rotary takes `rotary_span` heads at a time:
+    q's and k's rows are reordered inside each head so that HF's rotate-half pairs are adjacent
+    (`interleaved_rows`), rotated as interleaved pairs against tables repeated once per head. The
+    same order in q and k leaves every attention score a sum of the same products.
+
+    v's bias is added after `proj` (as `proj.weight @ bias`): a softmax row sums to 1, so a
+    bias on every value comes out of the attention unchanged. MultiHeadAttention computes the
+    softmax in float32; `attention_bias` (1, 1, S, S) in the graph's float type masks keys
+    (Qwen2.5-VL's windows)."""
+    import torch
+
     hidden = attn.qkv.in_features
+    head_dim = hidden // heads
     weight, bias = attn.qkv.weight, attn.qkv.bias
-    q, k, v = (linear(g, x, SimpleNamespace(weight=weight[i * hidden:(i + 1) * hidden],
-                                            bias=None if bias is None else bias[i * hidden:(i + 1) * hidden]),
-                      f"{name}.{part}") for i, part in enumerate("qkv"))
+    order = torch.from_numpy(interleaved_rows(heads, head_dim))
+    parts = []
+    for i, part in enumerate("qkv"):
+        rows = slice(i * hidden, (i + 1) * hidden)
+        w, b = weight[rows], None if bias is None or part == "v" else bias[rows]
+        if part != "v":
+            w, b = w[order], None if b is None else b[order]
+        parts.append(linear(g, x, SimpleNamespace(weight=w, bias=b), f"{name}.{part}"))
     start, cos, sin = rotary
+    span = rotary_span(heads, head_dim)
     rotated = [g.op("RotaryEmbedding", [t, start, cos, sin], domain=MS_DOMAIN, name=f"{name}.{part}_rotary",
-                    num_heads=heads, interleaved=0) for part, t in (("q", q), ("k", k))]
-    inputs = [*rotated, v] + (["", "", attention_bias] if attention_bias else [])
+                    num_heads=heads // span, interleaved=1) for part, t in zip("qk", parts)]
+    inputs = [*rotated, parts[2]] + (["", "", attention_bias] if attention_bias else [])
     out = g.op("MultiHeadAttention", inputs, domain=MS_DOMAIN, name=f"{name}.mha", num_heads=heads,
                scale=float(attn.scaling))
-    return linear(g, out, attn.proj, f"{name}.proj", bias=False)
+    proj = attn.proj
+    out_bias = proj.bias
+    if bias is not None:  # in float64, then rounded once to the graph's type
+        v_bias = bias[2 * hidden:].double()
+        out_bias = proj.weight.double() @ v_bias + (0 if proj.bias is None else proj.bias.double())
+    return linear(g, out, proj, f"{name}.proj", bias=False), out_bias
 
 
-def vision_rotary(g: Graph, head_dim: int) -> tuple[str, str, str]:
-    """(start position 0, cos, sin) for `vision_attention` from the graph inputs `cos`, `sin` (S, head_dim)."""
+def vision_rotary(g: Graph, heads: int, head_dim: int) -> tuple[str, str, str]:
+    """(start position 0, cos, sin) for `vision_attention` from the graph inputs `cos`, `sin` (S,
+    head_dim): the tables' first halves (HF's two halves are equal), repeated for the
+    `rotary_span` heads one rotary head covers."""
     starts, ends, axes = (g.const(f"rotary.{n}", np.array([v], np.int64)) for n, v in
                           (("start", 0), ("half", head_dim // 2), ("axis", 1)))
-    halves = [g.op("Slice", [t, starts, ends, axes], name=f"{t}/half") for t in ("cos", "sin")]
-    return g.const("rotary.position", np.zeros(1, np.int64)), halves[0], halves[1]
+    repeats = g.const("rotary.repeats", np.array([1, rotary_span(heads, head_dim)], np.int64))
+    tables = [g.op("Tile", [g.op("Slice", [t, starts, ends, axes], name=f"{t}/half"), repeats], name=f"{t}/per_head")
+              for t in ("cos", "sin")]
+    return g.const("rotary.position", np.zeros(1, np.int64)), tables[0], tables[1]
 
 
 def vision_blocks(g: Graph, x: str, blocks, final_norm, heads: int, rotary: tuple[str, str, str],
@@ -191,8 +237,8 @@ def vision_blocks(g: Graph, x: str, blocks, final_norm, heads: int, rotary: tupl
     stream, after = x, []
     for i, block in enumerate(blocks):
         p = f"blocks.{i}"
-        attn = vision_attention(g, normed, block.attn, heads, rotary, f"{p}.attn", attention_bias(i))
-        normed, stream = skip_norm(g, attn, stream, block.norm2, block.attn.proj.bias, f"{p}.norm2")
+        attn, attn_bias = vision_attention(g, normed, block.attn, heads, rotary, f"{p}.attn", attention_bias(i))
+        normed, stream = skip_norm(g, attn, stream, block.norm2, attn_bias, f"{p}.norm2")
         out, out_bias = mlp(g, normed, block, f"{p}.mlp")
         last = i + 1 == len(blocks)
         normed, stream = skip_norm(g, out, stream, final_norm if last else blocks[i + 1].norm1, out_bias,

@@ -90,7 +90,7 @@ def build_vision_graph(visual: nn.Module, pp: VisionPreprocessing, float_type=np
                             name="mask/clip"), float_type, "mask/to_float_type")
     mask = g.op("Unsqueeze", [mask, g.const("axes.01", np.array([0, 1], np.int64))], name="mask/unsqueeze")
     merger = visual.merger
-    normed, _ = vision_blocks(g, x, visual.blocks, merger.ln_q, heads, vision_rotary(g, head_dim), _block_mlp,
+    normed, _ = vision_blocks(g, x, visual.blocks, merger.ln_q, heads, vision_rotary(g, heads, head_dim), _block_mlp,
                               lambda layer: None if layer in fullatt else mask)
     features = merger_mlp(g, merged_rows(g, normed, hidden, merge, "merger.rows"), merger.mlp[0], merger.mlp[2],
                           "merger")

@@ -70,7 +70,7 @@ def build_vision_graph(visual: nn.Module, pp: VisionPreprocessing, float_type=np
     g = Graph(float_type)
     proj = visual.patch_embed.proj
     x = g.op("Add", [patch_embed(g, proj, pp), "pos_embeds"], name="pos_embed")
-    normed, after = vision_blocks(g, x, visual.blocks, visual.merger.norm, heads, vision_rotary(g, head_dim),
+    normed, after = vision_blocks(g, x, visual.blocks, visual.merger.norm, heads, vision_rotary(g, heads, head_dim),
                                   _block_mlp)
     merger = visual.merger
     g.op("Identity", [merger_mlp(g, merged_rows(g, normed, hidden, merge, "merger.rows"), merger.linear_fc1,

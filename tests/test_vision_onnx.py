@@ -16,7 +16,7 @@ import torch
 from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
 
 from edgejudge.errors import InputError
-from edgejudge.export.fixtures import tiny_model_dir
+from edgejudge.export.fixtures import sharpened, tiny_model_dir
 from edgejudge.export.onnx_io import IR_VERSION, OPSET
 from edgejudge.export.qwen3_vl import export_vision_onnx, load_visual
 from edgejudge.runtime import model as runtime_model
@@ -116,6 +116,21 @@ def test_matches_hf(case, tiny, exported):
     print(f"{case}: grids {arrays['video_grid_thw'].tolist()} max abs diff features {diffs[0]:.2e}, "
           f"deepstack {', '.join(f'{d:.2e}' for d in diffs[1:])}")
     assert max(diffs) <= TOL, diffs
+
+
+def test_matches_hf_with_sharp_weights(tiny, tmp_path):
+    """The tiny checkpoint's biases are zero and its attention nearly uniform, so the biases the
+    graph moves (v's, added after proj) and the reordered q/k rows of the rotary are checked on a
+    copy with O(1)-scale weights and biases, where either going wrong moves the output by O(1)."""
+    model_dir, visual = tiny
+    sharp = sharpened(visual)
+    encoder = VisionEncoder(export_vision_onnx(model_dir, tmp_path / "vision.onnx", visual=sharp))
+    arrays = _inputs(model_dir, CASES["two_videos"])
+    ref_features, ref_deepstack = _hf(sharp, arrays)
+    features, deepstack = encoder.encode(arrays["pixel_values_videos"], arrays["video_grid_thw"])
+    for ours, ref in zip([features, *deepstack], [ref_features, *ref_deepstack]):
+        assert np.abs(ref).max() > 0.5
+        assert float(np.abs(ours - ref).max()) <= TOL
 
 
 def test_odd_frame_count_pads_to_two_groups(tiny):

@@ -13,7 +13,6 @@ a lookup that gives its float values bit for bit, in fp32 and fp16."""
 
 from __future__ import annotations
 
-import copy
 import subprocess
 import sys
 
@@ -24,7 +23,7 @@ import torch
 from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
 from edgejudge.errors import InputError
-from edgejudge.export.fixtures import tiny_model_dir
+from edgejudge.export.fixtures import sharpened, tiny_model_dir
 from edgejudge.export.onnx_io import IR_VERSION, OPSET
 from edgejudge.export.qwen2_5_vl import export_vision_onnx, load_visual
 from edgejudge.runtime import model as runtime_model
@@ -52,24 +51,9 @@ def tiny():
     return model_dir, load_visual(model_dir)
 
 
-def _sharpen(visual):
-    """A copy with O(1)-scale random weights: unit-variance activations, non-trivial norms and biases."""
-    sharp = copy.deepcopy(visual)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in sharp.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
-            elif name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-            else:  # RMSNorm weights
-                p.copy_(1 + torch.randn(p.shape, generator=gen) * 0.1)
-    return sharp.eval()
-
-
 @pytest.fixture(scope="module")
 def visuals(tiny):
-    return {"tiny": tiny[1], "sharp": _sharpen(tiny[1])}
+    return {"tiny": tiny[1], "sharp": sharpened(tiny[1])}
 
 
 @pytest.fixture(scope="module")
