@@ -361,15 +361,18 @@ def build_tiny_adapter(model_dir: Path, out_dir: Path, seed: int = 1, use_rslora
     return out
 
 
-def sharpened(module: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
-    """A copy of `module` with O(1)-scale random weights: unit-variance activations, non-trivial
-    norms and biases. The tiny checkpoints keep HF's init (std 0.02, unit norms, zero biases), on
-    which attention is nearly uniform and every bias path computes with zeros."""
+def sharpened(module: torch.nn.Module, seed: int = 1, matrices: bool = True) -> torch.nn.Module:
+    """A copy of `module` with random biases and norm weights, and with `matrices` O(1)-scale
+    random weights too (unit-variance activations). The tiny checkpoints keep HF's init (std 0.02,
+    unit norms, zero biases), on which attention is nearly uniform and every bias path computes
+    with zeros."""
     sharp = copy.deepcopy(module)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sharp.named_parameters():
             if p.ndim >= 2:
+                if not matrices:
+                    continue
                 p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
             elif name.endswith("bias"):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from edgejudge.errors import InputError
-from edgejudge.export.fixtures import tiny_model_dir
+from edgejudge.export.fixtures import sharpened, tiny_model_dir
 from edgejudge.export.merge import load_base
 from edgejudge.export.onnx import FAMILIES
 from edgejudge.export.onnx_decoder import export_decoder_onnx
@@ -194,6 +194,26 @@ def test_prefill_logits_match_hf(tiny, exported, arrays):
     hidden = _onnx_prefill(decoder, vision, arrays, model.config.video_token_id,
                            (hf_features, [np.zeros_like(t) for t in hf_taps]))
     assert np.abs(decoder.logits(hidden[:, -1:])[0, -1] - ref).max() > 1e-3
+
+
+def test_prefill_logits_match_hf_with_biases_and_norms(tiny, arrays, tmp_path):
+    """The tiny checkpoints' biases are zero and their norms one (HF's init), as are those of the
+    full-size random models the GPU checks use; real checkpoints' are not (Qwen2.5-VL's q/k/v
+    biases). The same check with every bias and norm weight drawn at random, which must matter."""
+    model_dir, base = tiny
+    model = sharpened(base, seed=2, matrices=False)
+    family = model.config.model_type
+    export_decoder_onnx(model, tmp_path, FAMILIES[family])
+    vision = load_vision_encoder(FAMILIES[family].export_vision_onnx(model_dir, tmp_path / "vision.onnx",
+                                                                     visual=model.model.visual), family)
+    decoder = TextDecoder(tmp_path)
+    with torch.no_grad():
+        ref = model(**_hf_feed(model, arrays)).logits[0, -1].numpy()
+        unchanged = base(**_hf_feed(base, arrays)).logits[0, -1].numpy()
+    hidden = _onnx_prefill(decoder, vision, arrays, model.config.video_token_id)
+    diff = float(np.abs(decoder.logits(hidden[:, -1:])[0, -1] - ref).max())
+    assert np.abs(ref - unchanged).max() > 1e-2
+    assert diff <= TOL, diff
 
 
 def test_greedy_decoding_matches_generate(tiny, exported, arrays):
