@@ -192,18 +192,14 @@ def vision_attention(g: Graph, x: str, attn, heads: int, rotary: tuple[str, str,
     head_dim = hidden // heads
     weight, bias = attn.qkv.weight, attn.qkv.bias
     order = torch.from_numpy(interleaved_rows(heads, head_dim))
-    parts = []
-    for i, part in enumerate("qkv"):
-        rows = slice(i * hidden, (i + 1) * hidden)
-        w, b = weight[rows], None if bias is None or part == "v" else bias[rows]
-        if part != "v":
-            w, b = w[order], None if b is None else b[order]
-        parts.append(linear(g, x, SimpleNamespace(weight=w, bias=b), f"{name}.{part}"))
+    rows = [order, hidden + order, torch.arange(2 * hidden, 3 * hidden)]  # q, k reordered; v as it is
+    q, k, v = (linear(g, x, SimpleNamespace(weight=weight[r], bias=None if bias is None or part == "v" else bias[r]),
+                      f"{name}.{part}") for part, r in zip("qkv", rows))
     start, cos, sin = rotary
     span = rotary_span(heads, head_dim)
     rotated = [g.op("RotaryEmbedding", [t, start, cos, sin], domain=MS_DOMAIN, name=f"{name}.{part}_rotary",
-                    num_heads=heads // span, interleaved=1) for part, t in zip("qk", parts)]
-    inputs = [*rotated, parts[2]] + (["", "", attention_bias] if attention_bias else [])
+                    num_heads=heads // span, interleaved=1) for part, t in (("q", q), ("k", k))]
+    inputs = [*rotated, v] + (["", "", attention_bias] if attention_bias else [])
     out = g.op("MultiHeadAttention", inputs, domain=MS_DOMAIN, name=f"{name}.mha", num_heads=heads,
                scale=float(attn.scaling))
     proj = attn.proj
