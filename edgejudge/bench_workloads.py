@@ -348,7 +348,7 @@ def memory_estimate(shape: dict, plan: dict, setup: Setup, workload: Workload, c
     the vision outputs in a store on the device (in that arena too), sized for the cache's groups
     or the call's, and gathers the decoder's inputs from it (`splice.onnx`)."""
     from edgejudge.runtime.engine import CACHE_GROUPS
-    from edgejudge.runtime.vision import PATCHES_PER_RUN
+    from edgejudge.runtime.vision import groups_per_run
     from edgejudge.torch_backend import ROWS_ROOM, cache_bytes
 
     float_bytes = 4 if setup.export == "fp32" or (setup.backend != "onnx" and not cuda) else 2
@@ -374,7 +374,7 @@ def memory_estimate(shape: dict, plan: dict, setup: Setup, workload: Workload, c
     prompt_rows = plan["videos"] if plan["labels"] and setup.backend != "hf" else 1
     groups, patches = plan["groups"], plan["patches_per_group"]
     if setup.backend == "onnx":
-        run_rows = min(plan["videos"] * groups, max(1, PATCHES_PER_RUN // patches)) * patches
+        run_rows = groups_per_run(plan["videos"] * groups, patches) * patches
         vision = ONNX_VISION_PER_ROW * run_rows * (vis["intermediate"] + vis["hidden"]) * float_bytes
         decoder = prompt_rows * plan["prompt"] * ONNX_DECODER_PER_TOKEN * (text["intermediate"] + text["hidden"]) * float_bytes
         # the vision store (in the same Python-side arena as the cache: counted twice on CUDA) and

@@ -91,7 +91,8 @@ class Judge:
         `prompt_dir`: where the files of a spec whose prompts ship with the user's model are
         (default: the artifact folder); they are read here, so a missing one fails the load.
         `prefill_graph` (ONNX on CUDA): capture the candidate-label prefill as a CUDA graph, which
-        keeps its activations on the device between decisions (default: when no cap is set).
+        keeps its activations on the device between decisions, as the vision session then keeps
+        its arena (default: when no cap is set).
 
         ONNX artifacts run on ONNX Runtime (torch-free); bnb artifacts and plain HF model folders
         run on the torch backend (`edgejudge.torch_backend`, imported only then)."""

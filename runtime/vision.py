@@ -37,6 +37,16 @@ from edgejudge.runtime.sessions import open_session, release_after_runs, session
 PATCHES_PER_RUN = 8192
 
 
+def groups_per_run(groups: int, patches_per_group: int, max_groups: int | None = None) -> int:
+    """Groups in each run of the vision graph (the last run may have fewer): as few runs as
+    `max_groups` (default PATCHES_PER_RUN rows) allows, each as small as that many runs allows.
+    The largest run sets the activations' peak, and equal runs ask the arena for the same blocks
+    (W1: 32 + 32 groups, not 41 + 23)."""
+    limit = max_groups or max(1, PATCHES_PER_RUN // patches_per_group)
+    runs = -(-groups // limit)
+    return -(-groups // max(runs, 1)) if groups else limit
+
+
 def merge_order_positions(h: int, w: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
     """(row, col) of each of a group's h*w patches, in the processor's order: merge-window row,
     merge-window col, then row and col inside the window."""
@@ -110,7 +120,10 @@ class GroupedVisionGraph:
     output, which `run_into` writes straight into the engine's store of visual rows on the device.
     """
 
-    def __init__(self, onnx_path: str | Path, providers=("CPUExecutionProvider",), max_groups: int | None = None):
+    def __init__(self, onnx_path: str | Path, providers=("CPUExecutionProvider",), max_groups: int | None = None,
+                 release_arena: bool = True):
+        """`release_arena`: each call's last run hands the session's free arena memory back to the
+        device, so that the vision intermediates are not held while the decoder runs."""
         self.path = Path(onnx_path)
         tables = self.path.with_suffix(".npz")
         if not self.path.is_file() or not tables.is_file():
@@ -118,7 +131,7 @@ class GroupedVisionGraph:
         with np.load(tables) as data:
             self.tables = {k: data[k] for k in data.files}
         self.session = open_session(self.path, providers)
-        self.run_options = release_after_runs(providers)
+        self.run_options = release_after_runs(providers) if release_arena else None
         outputs = self.session.get_outputs()
         if any(o.shape[0] != "groups" or o.shape[-2] != "tokens_per_group" for o in outputs):
             raise InputError(f"{self.path}: a vision graph whose outputs do not put the groups first "
@@ -162,8 +175,7 @@ class GroupedVisionGraph:
 
     def _runs(self, patches: np.ndarray, h: int, w: int):
         """(first group, feed, run options) of each run over (G, h*w, patch_dim) groups of uint8
-        levels: at most `max_groups` (default PATCHES_PER_RUN rows) a run; the last run hands the
-        arena back."""
+        levels, in `groups_per_run` groups a run; the last run hands the arena back."""
         if patches.dtype != np.uint8:  # HF's float pixel values go through `encode`
             raise InputError(f"patches must be uint8 levels (runtime.preprocess.patch_levels), not {patches.dtype}")
         patches = np.ascontiguousarray(patches)
@@ -171,7 +183,7 @@ class GroupedVisionGraph:
             raise InputError(f"patches of shape {patches.shape} do not fit a {h}x{w} grid of {self.patch_dim}-value patches")
         self.grid_inputs(h, w)
         tables = self._grid_cache[(int(h), int(w))]
-        step = self.max_groups or max(1, PATCHES_PER_RUN // (h * w))
+        step = groups_per_run(len(patches), h * w, self.max_groups)
         starts = range(0, len(patches), step)
         return [(i, {"patches": patches[i:i + step], **tables}, self.run_options if i == starts[-1] else None)
                 for i in starts]
@@ -225,8 +237,9 @@ class GroupedVisionGraph:
 class VisionEncoder(GroupedVisionGraph):
     """Qwen3-VL: learned position embeddings interpolated to the grid, 2D rotary, DeepStack taps."""
 
-    def __init__(self, onnx_path: str | Path, providers=("CPUExecutionProvider",), max_groups: int | None = None):
-        super().__init__(onnx_path, providers, max_groups)
+    def __init__(self, onnx_path: str | Path, providers=("CPUExecutionProvider",), max_groups: int | None = None,
+                 release_arena: bool = True):
+        super().__init__(onnx_path, providers, max_groups, release_arena)
         self.pos_table = self.tables["pos_embed"].astype(np.float32)
         self.deepstack_indexes = [int(i) for i in self.tables["deepstack_visual_indexes"]]
         self.align_corners = bool(self.tables["align_corners"])
@@ -249,12 +262,12 @@ class VisionEncoder(GroupedVisionGraph):
 
 
 def load_vision_encoder(onnx_path: str | Path, family: str, providers=("CPUExecutionProvider",),
-                        max_groups: int | None = None) -> GroupedVisionGraph:
-    """The vision runner of a model family. Both families' `encode` return (features, taps),
-    taps empty without DeepStack."""
+                        max_groups: int | None = None, release_arena: bool = True) -> GroupedVisionGraph:
+    """The vision runner of a model family (`release_arena`: see `GroupedVisionGraph`). Both
+    families' `encode` return (features, taps), taps empty without DeepStack."""
     from edgejudge.runtime import vision_qwen2_5
 
     runners = {"qwen3_vl": VisionEncoder, "qwen2_5_vl": vision_qwen2_5.VisionEncoder}
     if family not in runners:
         raise InputError(f"no ONNX vision runner for the {family} family")
-    return runners[family](onnx_path, providers, max_groups)
+    return runners[family](onnx_path, providers, max_groups, release_arena)

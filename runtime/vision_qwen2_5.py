@@ -86,8 +86,9 @@ def window_mask(h: int, w: int, merge: int, window_size: int, patch_size: int) -
 class VisionEncoder(GroupedVisionGraph):
     """Qwen2.5-VL: windowed attention as an additive mask per grid, 2D rotary."""
 
-    def __init__(self, onnx_path: str | Path, providers=("CPUExecutionProvider",), max_groups: int | None = None):
-        super().__init__(onnx_path, providers, max_groups)
+    def __init__(self, onnx_path: str | Path, providers=("CPUExecutionProvider",), max_groups: int | None = None,
+                 release_arena: bool = True):
+        super().__init__(onnx_path, providers, max_groups, release_arena)
         self.patch_size = int(self.tables["patch_size"])
         self.window_size = int(self.tables["window_size"])
 

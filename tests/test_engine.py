@@ -28,7 +28,7 @@ from edgejudge.runtime import model as runtime_model
 from edgejudge.runtime.decoder import VisualRows
 from edgejudge.runtime.engine import (StageTimer, VisionCache, cache_copies, check_gpu_memory, device_weight_bytes,
                                       label_positions, mean_nll)
-from edgejudge.runtime.sessions import execution_providers
+from edgejudge.runtime.sessions import execution_providers, pin_host_memory
 from edgejudge.runtime.video import read_video
 from edgejudge.specs import JudgeSpec, get_spec
 
@@ -400,6 +400,50 @@ def test_cuda_providers():
     else:
         with pytest.raises(InputError, match="needs onnxruntime-gpu"):
             execution_providers("cuda")
+
+
+class FakeCudaRuntime:
+    """Records page-locking calls; `refuse` makes cudaHostRegister fail as CUDA does."""
+
+    def __init__(self, refuse: bool = False):
+        self.refuse, self.calls = refuse, []
+
+    def cudaHostRegister(self, address, size, flags):
+        self.calls.append(("register", address, size, flags))
+        return 1 if self.refuse else 0
+
+    def cudaHostUnregister(self, address):
+        self.calls.append(("unregister", address))
+        return 0
+
+    def cudaGetLastError(self):
+        self.calls.append(("clear",))
+        return 0
+
+
+def test_pinned_host_memory_lives_with_its_array():
+    import gc
+
+    cuda = FakeCudaRuntime()
+    array = np.empty((3, 1000), np.uint8)
+    address = array.ctypes.data
+    assert pin_host_memory(array, cuda)
+    assert cuda.calls == [("register", address, 3000, 1)]
+    assert not pin_host_memory(array[1:], cuda)  # a view: its base owns the memory
+    view = array[:2]
+    del array
+    gc.collect()
+    assert cuda.calls[-1][0] == "register"  # the view keeps the memory alive, and pinned
+    del view
+    gc.collect()
+    assert cuda.calls[-1] == ("unregister", address)
+
+    refused = FakeCudaRuntime(refuse=True)
+    array = np.empty(10, np.uint8)
+    assert not pin_host_memory(array, refused)
+    del array
+    gc.collect()
+    assert [call[0] for call in refused.calls] == ["register", "clear"]  # nothing to unregister
 
 
 def test_judge_runs_without_torch(artifact):

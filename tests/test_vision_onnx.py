@@ -22,7 +22,7 @@ from edgejudge.export.qwen3_vl import export_vision_onnx, load_visual
 from edgejudge.runtime import model as runtime_model
 from edgejudge.runtime.preprocess import VisionPreprocessing, levels_from_pixel_values, patch_levels, patchify
 from edgejudge.runtime.video import read_video
-from edgejudge.runtime.vision import VisionEncoder, position_embeddings, rotary_tables
+from edgejudge.runtime.vision import VisionEncoder, groups_per_run, position_embeddings, rotary_tables
 
 TOL = 1e-4
 TEXT = "Instruction: Place the red block in the box.\nIs it complete?"
@@ -178,6 +178,21 @@ def test_groups_encode_independently(tiny, exported):
     f, d = one_at_a_time.encode(arrays["pixel_values_videos"], arrays["video_grid_thw"])
     np.testing.assert_allclose(f, batched_f.reshape(f.shape), rtol=0, atol=1e-6)
     np.testing.assert_allclose(np.stack(d), np.moveaxis(batched_d, 0, 1).reshape(len(d), *f.shape), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("groups, patches, max_groups, expected", [
+    (64, 196, None, 32),  # W1: 8,192 rows allow 41 a run; two runs of 32, not 41 + 23
+    (41, 196, None, 41),  # one run
+    (65, 196, None, 33),  # two runs: 33 + 32
+    (40, 760, None, 10),  # W3: four runs of 10
+    (7, 196, 3, 3),  # three runs: 3 + 3 + 1, none larger than three runs need
+    (1, 10_000, None, 1),  # a group over the row limit still runs, alone
+])
+def test_groups_per_run(groups, patches, max_groups, expected):
+    step = groups_per_run(groups, patches, max_groups)
+    assert step == expected
+    runs = -(-groups // step)
+    assert runs == -(-groups // (max_groups or max(1, 8192 // patches)))  # no more runs than the limit needs
 
 
 def _level_zero_pixels(encoder, rows: int) -> np.ndarray:
