@@ -114,27 +114,33 @@ CUDART_NAMES = ("libcudart.so.13", "libcudart.so.12", "cudart64_13.dll", "cudart
 CUDA_HOST_REGISTER_PORTABLE = 1  # pinned for every CUDA context, not only the calling thread's
 
 
-@functools.cache
 def cuda_runtime() -> ctypes.CDLL | None:
-    """The CUDA runtime library already in the process (ONNX Runtime's), or None."""
+    """The CUDA runtime library in the process (loaded with the CUDA provider's first session),
+    or None before then or without one."""
     for name in CUDART_NAMES:
         try:
-            library = ctypes.CDLL(name)
+            library = _cuda_library(name)
         except OSError:
             continue
-        library.cudaHostRegister.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
-        library.cudaHostUnregister.argtypes = [ctypes.c_void_p]
         return library
     return None
 
 
+@functools.cache
+def _cuda_library(name: str) -> ctypes.CDLL:
+    library = ctypes.CDLL(name)
+    library.cudaHostRegister.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+    library.cudaHostUnregister.argtypes = [ctypes.c_void_p]
+    return library
+
+
 def pin_host_memory(array: np.ndarray, runtime=None) -> bool:
     """Page-lock `array`'s memory with CUDA for as long as the array lives, so that ONNX Runtime
-    copies it to the device by DMA straight from it rather than through a staging buffer: for
-    W1's 19 MB of patch levels a decision, a 29.4 ms vision stage against 32.5 on the H100
-    (2026-11-23). For long-lived buffers only: pinning costs about as much as one copy. False
-    (and the array stays pageable) when no CUDA runtime is loaded or CUDA refuses; the copies
-    give the same bytes either way. `runtime`: the library (`cuda_runtime()` by default)."""
+    copies it to the device by DMA straight from it rather than through a staging buffer (W1's
+    19 MB of patch levels a decision on the H100: 0.36 ms a copy against 1.41, the vision runs
+    29.4 ms against 32.5; 2026-11-24). For buffers that are kept and reused. False (and the
+    array stays pageable) when no CUDA runtime is loaded or CUDA refuses; the copies give the
+    same bytes either way. `runtime`: the library (`cuda_runtime()` by default)."""
     library = runtime or cuda_runtime()
     if library is None or not array.nbytes or array.base is not None or not array.flags.c_contiguous:
         return False

@@ -43,8 +43,10 @@ def groups_per_run(groups: int, patches_per_group: int, max_groups: int | None =
     The largest run sets the activations' peak, and equal runs ask the arena for the same blocks
     (W1: 32 + 32 groups, not 41 + 23)."""
     limit = max_groups or max(1, PATCHES_PER_RUN // patches_per_group)
+    if not groups:
+        return limit
     runs = -(-groups // limit)
-    return -(-groups // max(runs, 1)) if groups else limit
+    return -(-groups // runs)
 
 
 def merge_order_positions(h: int, w: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
@@ -175,7 +177,8 @@ class GroupedVisionGraph:
 
     def _runs(self, patches: np.ndarray, h: int, w: int):
         """(first group, feed, run options) of each run over (G, h*w, patch_dim) groups of uint8
-        levels, in `groups_per_run` groups a run; the last run hands the arena back."""
+        levels, in `groups_per_run` groups a run; the last run hands the arena back
+        (`release_arena`)."""
         if patches.dtype != np.uint8:  # HF's float pixel values go through `encode`
             raise InputError(f"patches must be uint8 levels (runtime.preprocess.patch_levels), not {patches.dtype}")
         patches = np.ascontiguousarray(patches)
