@@ -280,7 +280,7 @@ def _judge_jobs(judge, sample: str, fps: float | None, jobs: list[Job]) -> list:
     in one engine call, where prompts of one length share a batch; each decision is the mean over
     its views, as in `Judge.check`. Judges that answer in text decode one job at a time.
     Videos are read per job, so an unreadable one fails only its job."""
-    from edgejudge.runtime.model import sample_clip
+    from edgejudge.runtime.model import frame_picker
     from edgejudge.runtime.video import read_video
 
     spec, engine = judge.spec, judge.engine
@@ -288,12 +288,13 @@ def _judge_jobs(judge, sample: str, fps: float | None, jobs: list[Job]) -> list:
     prompts: dict[int, list] = {}  # job index -> one prompt per view
     for i, job in enumerate(jobs):
         try:
-            clips = [read_video(v, fps=fps if v.endswith(".npy") else None) for v in job.videos]
+            pick = frame_picker(engine.model, sample)
+            clips = [read_video(v, fps=fps if v.endswith(".npy") else None, pick=pick) for v in job.videos]
             if spec.answer == "labels":
                 system, text = judge.compose(job.fields)
-                prompts[i] = [engine.prompt([sample_clip(engine.model, clip, sample)], text, system) for clip in clips]
+                prompts[i] = [engine.prompt([clip], text, system) for clip in clips]
             else:
-                outcomes[i] = _row(judge.ask(clips[0], sample=sample, **job.fields).to_dict())
+                outcomes[i] = _row(judge.ask(clips[0], sample="none", **job.fields).to_dict())
         except Exception as error:
             outcomes[i] = error
     if prompts:

@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -33,6 +34,9 @@ from edgejudge.bench_workloads import (
     workload_video,
 )
 from edgejudge.specs import compose_prompt
+
+if TYPE_CHECKING:
+    from edgejudge.runtime.video import FramePicker
 
 
 class VisionClock:
@@ -71,12 +75,13 @@ class Outcome:
     turns: list | None = None  # a comparison's turns: [tokens kept in the cache, prefilled, decoded]
 
 
-def read_clips(inputs: dict, video: Video, stages: dict[str, float]) -> dict:
-    """Per view, a Clip: decoded from its file (timed as `decode_video`), or the frames in memory."""
+def read_clips(inputs: dict, video: Video, stages: dict[str, float], pick: FramePicker | None = None) -> dict:
+    """Per view, a Clip of the frames `pick` picks (all without it): decoded from its file (timed
+    as `decode_video`), or the frames in memory."""
     from edgejudge.runtime.video import read_video
 
     start = time.perf_counter()
-    clips = {view: read_video(source, fps=None if isinstance(source, Path) else video.fps)
+    clips = {view: read_video(source, fps=None if isinstance(source, Path) else video.fps, pick=pick)
              for view, source in inputs.items()}
     if any(isinstance(source, Path) for source in inputs.values()):
         stages["decode_video"] = (time.perf_counter() - start) * 1e3
@@ -101,14 +106,19 @@ class EdgeRunner:
             engine.eos_ids = set()  # every reply decodes its whole budget, as the workload sets it
 
     def run(self, inputs: dict) -> Outcome:
+        from edgejudge.runtime.model import frame_picker
+
         workload, judge = self.workload, self.judge
         stages: dict[str, float] = {}
-        clips = read_clips(inputs, self.video, stages)
+        # the spec's frames, picked while decoding; a comparison picks its frames turn by turn
+        pairwise = workload.spec.answer == "pairwise_tags"
+        clips = read_clips(inputs, self.video, stages,
+                           None if pairwise else frame_picker(judge.engine.model, workload.spec.sample))
         if hasattr(judge.engine, "cache"):
             judge.engine.cache.entries.clear()  # every group encoded: no sliding-window reuse
         turns = None
         if workload.spec.answer == "labels":
-            decision = judge.check(workload.questions[0]["instruction"], views=clips)
+            decision = judge.check(workload.questions[0]["instruction"], views=clips, sample="none")
             timings, decoded, answer = decision.timings_ms, 0, {"prediction": decision.label}
         elif workload.spec.answer == "pairwise_tags":
             comparison = judge.compare(*clips.values(), workload.questions[0]["caption"], system=workload.system,
@@ -117,7 +127,8 @@ class EdgeRunner:
             turns = [[t.cache["kept"], t.cache["prefilled"], len(t.tokens)] for t in comparison.turns]
             answer = {"turns": len(turns), "parsed": comparison.parsed.ok}
         else:
-            answers = judge.ask_many(next(iter(clips.values())), list(workload.questions), system=workload.system)
+            answers = judge.ask_many(next(iter(clips.values())), list(workload.questions), sample="none",
+                                     system=workload.system)
             timings, decoded = answers[0].timings_ms, sum(len(a.token_ids) for a in answers)
             answer = {"parsed": sum(a.parsed.ok for a in answers), "questions": len(answers)}
         stages.update({k: v for k, v in timings.items() if k != "total"})
@@ -237,8 +248,7 @@ class HFRunner:
 
         torch, workload = self.torch, self.workload
         stages = dict.fromkeys(("preprocess", "prefill"), 0.0)
-        clips = {view: runtime_model.sample_clip(self.runtime, clip, workload.spec.sample)
-                 for view, clip in read_clips(inputs, self.video, stages).items()}
+        clips = read_clips(inputs, self.video, stages, runtime_model.frame_picker(self.runtime, workload.spec.sample))
         decoded, answer = 0, {}
         with torch.no_grad():
             if workload.spec.answer == "labels":

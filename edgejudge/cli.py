@@ -42,8 +42,8 @@ def _cmd_inputs(args: argparse.Namespace) -> int:
     if args.print_prompt:
         print(runtime_model.render_prompt(model, len(args.video), args.text, args.system), end="")
         return 0
-    clips = [runtime_model.sample_clip(model, read_video(v, fps=_array_fps(v, args.fps)), args.sample)
-             for v in args.video]
+    pick = runtime_model.frame_picker(model, args.sample)
+    clips = [read_video(v, fps=_array_fps(v, args.fps), pick=pick) for v in args.video]
     arrays = runtime_model.build_inputs(model, clips, args.text, args.system)
     out = Path(args.dump)
     if out.parent and not out.parent.is_dir():
@@ -126,8 +126,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if missing:
         raise InputError(f"spec {spec.name} needs --{' --'.join(missing)}")
     model = runtime_model.load(Path(args.artifact), hf=args.hf)
-    clips = [runtime_model.sample_clip(model, read_video(v, fps=_array_fps(v, args.fps)), args.sample or spec.sample)
-             for v in args.video]
+    pick = runtime_model.frame_picker(model, args.sample or spec.sample)
+    clips = [read_video(v, fps=_array_fps(v, args.fps), pick=pick) for v in args.video]
     reports = verify(model, Path(args.reference), Path(args.adapter) if args.adapter else None,
                      spec, clips, spec.user_text.format(**fields), device=args.device)
     for video, report in zip(args.video, reports):

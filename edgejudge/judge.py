@@ -21,7 +21,7 @@ import numpy as np
 from edgejudge.errors import InputError
 from edgejudge.manifest import MANIFEST_NAME, read_manifest
 from edgejudge.runtime.engine import CACHE_GROUPS, DIGITS, Engine, Prompt, StageTimer
-from edgejudge.runtime.model import read_config, sample_clip
+from edgejudge.runtime.model import frame_picker, read_config, sample_clip
 from edgejudge.runtime.sessions import memory_errors
 from edgejudge.runtime.video import Clip, read_video
 from edgejudge.specs import JudgeSpec, Prompts, compose_prompt, get_spec, read_prompts
@@ -116,8 +116,10 @@ class Judge:
         return compose_prompt(self.spec, dict(fields), self.prompts)
 
     def _clip(self, frames: Frames, fps: float | None, sample: str | None) -> Clip:
-        clip = frames if isinstance(frames, Clip) else read_video(frames, fps=fps)
-        return sample_clip(self.engine.model, clip, sample or self.spec.sample)
+        policy = sample or self.spec.sample
+        if isinstance(frames, Clip):
+            return sample_clip(self.engine.model, frames, policy)
+        return read_video(frames, fps=fps, pick=frame_picker(self.engine.model, policy))
 
     def check(self, instruction: str, views: Mapping[str, Frames], fps: float | None = None,
               sample: str | None = None) -> Decision:

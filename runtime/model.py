@@ -20,7 +20,7 @@ from edgejudge.runtime import qwen2_5_vl, qwen3_5, qwen3_vl
 from edgejudge.runtime.compat import parse_release
 from edgejudge.runtime.preprocess import VisionPreprocessing, preprocess_video
 from edgejudge.runtime.prompt import Prompter, user_turn
-from edgejudge.runtime.video import Clip, parse_sample, sample, uniform_indices
+from edgejudge.runtime.video import Clip, FramePicker, parse_sample, sample, uniform_indices
 
 FAMILIES: dict[str, ModuleType] = {"qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "qwen3_5": qwen3_5}
 
@@ -86,19 +86,28 @@ def load(model_dir: str | Path, hf: str | None = None, verify: bool = True) -> M
     )
 
 
-def sample_clip(model: Model, clip: Clip, policy: str) -> Clip:
-    """Keep the frames a policy picks: none | uniform:N | fps:F (F frames a second, by the
-    family's own fps rule, which differs between Qwen2-VL-style and Qwen3-VL-style processors)."""
+def frame_picker(model: Model, policy: str) -> FramePicker | None:
+    """The frames a policy keeps, as a function of the source's frame count and rate (for
+    `read_video`'s `pick`): none (None: every frame) | uniform:N | fps:F (F frames a second, by
+    the family's own fps rule, which differs between Qwen2-VL-style and Qwen3-VL-style processors)."""
     rule = parse_sample(policy)
     if rule.kind == "none":
-        return clip
+        return None
     if rule.kind == "uniform":
-        return sample(clip, uniform_indices(clip.total_frames, rule.n))
+        return lambda total, fps: uniform_indices(total, rule.n)
     if rule.kind == "fps":
-        if clip.fps is None:
-            raise InputError("fps sampling needs the video's frame rate: pass --fps for array input")
-        return sample(clip, model.family.fps_indices(clip.total_frames, clip.fps, rule.fps, model.vision))
+        def pick(total: int, fps: float | None) -> np.ndarray:
+            if fps is None:
+                raise InputError("fps sampling needs the video's frame rate: pass --fps for array input")
+            return model.family.fps_indices(total, fps, rule.fps, model.vision)
+        return pick
     raise InputError(f"--sample {policy}: virtual indices are for pairwise judges, not a single video")
+
+
+def sample_clip(model: Model, clip: Clip, policy: str) -> Clip:
+    """Keep the frames of a whole clip that a policy picks (`frame_picker`)."""
+    pick = frame_picker(model, policy)
+    return clip if pick is None else sample(clip, pick(clip.total_frames, clip.fps))
 
 
 def render_prompt(model: Model, num_videos: int, text: str, system: str | None = None) -> str:

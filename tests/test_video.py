@@ -187,6 +187,72 @@ def test_timing_falls_back_to_nominal_rate() -> None:
     assert ts.tolist() == [1.5] and fps == 30.0
 
 
+def _same_clip(picked: Clip, expected: Clip) -> None:
+    np.testing.assert_array_equal(picked.frames, expected.frames)
+    assert picked.frames.flags.c_contiguous
+    assert picked.indices.tolist() == expected.indices.tolist()
+    np.testing.assert_array_equal(picked.timestamps, expected.timestamps)
+    assert (picked.fps, picked.total_frames) == (expected.fps, expected.total_frames)
+
+
+PICKERS = {
+    "uniform 5": lambda total, fps: uniform_indices(total, 5),
+    "uniform 40 (repeats)": lambda total, fps: uniform_indices(total, 40),
+    "qwen3-vl fps 2": lambda total, fps: fps_indices_linspace(total, fps, 2.0, 4, 768),
+    "qwen2-vl fps 4": lambda total, fps: fps_indices_arange(total, fps, 4.0, 2, 4, 768),
+    "last frame only": lambda total, fps: np.array([total - 1]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PICKERS))
+def test_picked_decode_equals_sampling_every_frame(tmp_path: Path, name: str, monkeypatch) -> None:
+    """`read_video(path, pick=...)` converts only the picked frames, predicted from the container's
+    frame count and rate, and gives what sampling the whole clip gives. An MP4 states its count:
+    one pass. A Matroska file at a nominal 2 fps makes OpenCV underestimate it (as in the VFR test
+    above): the prediction misses a picked frame and the file is decoded again for exactly those."""
+    from edgejudge.runtime import video
+
+    passes = []
+    read_frames = video._read_frames
+    monkeypatch.setattr(video, "_read_frames", lambda *args: passes.append(args[-1]) or read_frames(*args))
+    pick = PICKERS[name]
+    src = noise(23, seed=3)
+    mp4 = write_av(tmp_path / "clip.mp4", src, codec="mpeg4", pix_fmt="yuv420p", rate=10)
+    pts_ms = [0, 100, 150, 400, 410, 1000, 1100, 1250]
+    mkv = write_av(tmp_path / "vfr.mkv", src[:8], rate=2, pts_ms=pts_ms)
+    phone = write_av(tmp_path / "phone.mp4", src[:7], codec="mpeg4", pix_fmt="yuv420p", rotation=90)
+    for path, expected_passes in ((mp4, 1), (mkv, 2), (phone, 1)):
+        whole = read_video(path)
+        passes.clear()
+        _same_clip(read_video(path, pick=pick), sample(whole, pick(whole.total_frames, whole.fps)))
+        assert len(passes) == expected_passes, (path.name, name)
+        assert len(passes[0]) == len(np.unique(pick(int(cv2_frame_count(path)), whole.fps))) or path is mkv
+    assert cv2_frame_count(mkv) < 8
+
+
+def test_picked_decode_refuses_what_sample_refuses(tmp_path: Path) -> None:
+    path = write_av(tmp_path / "clip.mp4", noise(6), codec="mpeg4", pix_fmt="yuv420p")
+    for bad in (lambda total, fps: np.array([total]), lambda total, fps: np.array([], np.int64),
+                lambda total, fps: np.array([0.5])):
+        with pytest.raises(InputError):
+            read_video(path, pick=bad)
+
+    def needs_rate(total: int, fps: float | None) -> np.ndarray:
+        if fps is None:
+            raise InputError("fps sampling needs the video's frame rate")
+        return uniform_indices(total, 2)
+
+    with pytest.raises(InputError, match="frame rate"):  # the picker's own refusal reaches the caller
+        read_video(noise(4), pick=needs_rate)
+
+
+def test_picked_arrays_equal_sampling() -> None:
+    src = noise(9)
+    for source in (src, list(src)):
+        _same_clip(read_video(source, fps=3.0, pick=PICKERS["qwen3-vl fps 2"]),
+                   sample(read_video(src, fps=3.0), fps_indices_linspace(9, 3.0, 2.0, 4, 768)))
+
+
 # --- arrays and robot streams ---
 
 
