@@ -163,9 +163,11 @@ def _decode(path: str, pick: FramePicker | None = None) -> Clip:
         kept = np.unique(wanted)
         cap, rotate, _, hint = _open(path)
         try:
-            frames, _ = _read_frames(cap, path, rotate, hint, kept)
+            frames, again = _read_frames(cap, path, rotate, hint, kept)
         finally:
             cap.release()
+        if len(again) < n:  # a frame that decoded the first time did not: its rows would be unset
+            raise InputError(f"{path}: decoding failed at frame {len(again)} of {n} on the second pass")
     return Clip(frames[np.searchsorted(kept, wanted)], wanted, timestamps[wanted], fps, n)
 
 
