@@ -140,9 +140,11 @@ def _decode(path: str, pick: FramePicker | None = None) -> Clip:
 
     With `pick`, only the frames it picks are converted to RGB and kept. Decoding is sequential,
     so every frame is still decoded; the color conversions and copies are what is saved (W2's
-    120 frames of 360x640, 10 picked: 55-61 ms -> 19-21 ms on the H100 host). Which frames `pick` wants is known only from the decoded count and rate, so
-    they are predicted from the container's; when decoding finds otherwise and a wanted frame
-    was not kept, the file is decoded a second time for exactly the wanted frames.
+    120 frames of 360x640, 10 picked: 55-61 ms -> 19-21 ms on the H100 host). Which frames
+    `pick` wants is known only from the decoded count and rate, so they are predicted from the
+    container's; when decoding finds otherwise and a wanted frame was not kept, the file is
+    decoded a second time for exactly the wanted frames. Frames that are not kept are never
+    converted, so a resolution change among them goes unnoticed (a whole read refuses it).
 
     A truncated file returns the frames that decode; only zero decodable frames is an error.
     """
